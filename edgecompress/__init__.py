@@ -1,0 +1,40 @@
+"""edgecompress: make trained CNNs fit edge devices, judged by what onnxruntime measures.
+
+The public API is exposed lazily so that importing edgecompress (or its measuring
+layer, which runs on boards without torch) never loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# name -> "module:attribute"; one entry per public function or type.
+_API = {
+    "EdgeCompressError": "edgecompress.errors:EdgeCompressError",
+    "InputSpec": "edgecompress.zoo.spec:InputSpec",
+    "load_model": "edgecompress.zoo:load_model",
+    "list_models": "edgecompress.zoo:list_models",
+    "load_dataset": "edgecompress.data:load_dataset",
+    "evaluate": "edgecompress.evaluate:evaluate",
+    "export_onnx": "edgecompress.export:export_onnx",
+    "run_demo": "edgecompress.demo:run_demo",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    target = _API.get(name)
+    if target is None:
+        raise AttributeError(f"module 'edgecompress' has no attribute {name!r}")
+    module_name, attr = target.split(":")
+    value = getattr(importlib.import_module(module_name), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

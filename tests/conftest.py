@@ -1,0 +1,36 @@
+"""Shared fixtures: where ../shared is, and CIFAR-10 prepared from it into a cache folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EDGECOMPRESS_SHARED", ROOT.parent / "shared"))
+CIFAR_CACHE = Path(
+    os.environ.get("EDGECOMPRESS_CIFAR10", Path.home() / ".cache" / "edgecompress" / "cifar10")
+)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"../shared is not here ({SHARED}); set EDGECOMPRESS_SHARED to run this")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def weights_dir(shared_dir: Path) -> Path:
+    return shared_dir / "weights"
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(shared_dir: Path) -> Path:
+    """CIFAR-10 decoded from ../shared as DATA.md says (idempotent, ~10 s the first time)."""
+    script = shared_dir / "tools" / "prepare_cifar10.py"
+    subprocess.run([sys.executable, str(script), str(CIFAR_CACHE)], check=True, capture_output=True)
+    return CIFAR_CACHE
