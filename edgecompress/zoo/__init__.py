@@ -126,7 +126,11 @@ def split_checkpoint(obj: Any) -> tuple[Any, dict[str, Any] | None, InputSpec | 
     if isinstance(obj, torch.nn.Module):
         return obj, None, _spec_of(obj)
     if isinstance(obj, dict):
-        spec = InputSpec.from_dict(obj["input_spec"]) if isinstance(obj.get("input_spec"), dict) else None
+        spec = (
+            InputSpec.from_dict(obj["input_spec"])
+            if isinstance(obj.get("input_spec"), dict)
+            else None
+        )
         for key in ("state_dict", "model_state_dict", "model"):
             inner = obj.get(key)
             if isinstance(inner, torch.nn.Module):
@@ -167,7 +171,9 @@ def load_state(module: Any, state: dict[str, Any], source: str) -> None:
     wrong = [
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
         for k in own
-        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+        if k in state
+        and hasattr(state[k], "shape")
+        and tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or wrong:
         parts = []

@@ -7,7 +7,11 @@ from torch import nn
 
 
 def _block(cin: int, cout: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class SmallCNN(nn.Module):
@@ -15,9 +19,12 @@ class SmallCNN(nn.Module):
         super().__init__()
         a, b, c = widths
         self.features = nn.Sequential(
-            *_block(in_channels, a, 1), *_block(a, a, 1),
-            *_block(a, b, 2), *_block(b, b, 1),
-            *_block(b, c, 2), *_block(c, c, 1),
+            *_block(in_channels, a, 1),
+            *_block(a, a, 1),
+            *_block(a, b, 2),
+            *_block(b, b, 1),
+            *_block(b, c, 2),
+            *_block(c, c, 1),
         )
         self.classifier = nn.Linear(c, num_classes)
 

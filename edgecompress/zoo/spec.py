@@ -75,8 +75,8 @@ class InputSpec:
         except (KeyError, TypeError, ValueError) as err:
             raise ModelError(
                 f"input spec {data!r} is incomplete or malformed ({err}); it needs shape, "
-                "mean and std, e.g. {\"shape\": [3, 32, 32], \"mean\": [0.5, 0.5, 0.5], "
-                "\"std\": [0.25, 0.25, 0.25]}"
+                'mean and std, e.g. {"shape": [3, 32, 32], "mean": [0.5, 0.5, 0.5], '
+                '"std": [0.25, 0.25, 0.25]}'
             ) from None
 
     @classmethod
