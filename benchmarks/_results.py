@@ -33,16 +33,10 @@ def machine_description() -> str:
 def write_section(key: str, title: str, intro: str, lines: list[str], data: dict[str, Any]) -> None:
     """Replace (or append) the section `key` in RESULTS.md and the entry `key` in results.json."""
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else HEADER
-    block = (
-        f"<!-- begin {key} -->\n## {title}\n\n{intro}\n\n"
-        + "\n".join(lines)
-        + f"\n<!-- end {key} -->"
-    )
+    block = f"<!-- begin {key} -->\n## {title}\n\n{intro}\n\n" + "\n".join(lines) + f"\n<!-- end {key} -->"
     pattern = re.compile(rf"<!-- begin {re.escape(key)} -->.*?<!-- end {re.escape(key)} -->", re.S)
     text = (
-        pattern.sub(lambda _: block, text)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + block + "\n"
+        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     )
     RESULTS_MD.write_text(text)
     results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,33 +28,54 @@ def _parse_classes(text: str | None) -> list[int] | None:
         ) from None
 
 
-def _progress() -> tuple[Any, Callable[[str, float | None], None]]:
-    """A rich progress display and the callback the library reports through."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+class _ProgressDisplay:
+    """Progress for the library's callback: a rich bar on a terminal, plain lines otherwise.
 
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        console=_stderr_console(),
-        transient=True,
-    )
-    tasks: dict[str, Any] = {}
+    Nothing is drawn until the first report, so quick commands and errors print cleanly.
+    """
 
-    def report(stage: str, fraction: float | None) -> None:
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(stage, total=1.0 if fraction is not None else None)
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.bar: Any = None
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _ProgressDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, stage: str, fraction: float | None) -> None:
+        if not self.console.is_terminal:
+            if stage not in self.tasks:
+                self.tasks[stage] = True
+                click.echo(f"{stage} ...", err=True)
+            return
+        if self.bar is None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.bar.start()
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=1.0 if fraction is not None else None)
         if fraction is not None:
-            progress.update(tasks[stage], completed=fraction)
-
-    return progress, report
+            self.bar.update(self.tasks[stage], completed=fraction)
 
 
-def _stderr_console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True)
+def _progress() -> tuple[_ProgressDisplay, _ProgressDisplay]:
+    """The display (a context manager) and the callback the library reports through."""
+    display = _ProgressDisplay()
+    return display, display
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,4 +103,117 @@ def _echo_json(record: dict[str, Any]) -> None:
     click.echo(json.dumps(record, indent=None, sort_keys=False))
 
 
-_ = Path  # used by commands below
+def _input_spec(text: str | None) -> Any:
+    """--input-spec: inline JSON or the path of a .json file."""
+    if text is None:
+        return None
+    from edgecompress.zoo.spec import InputSpec
+
+    candidate = Path(text)
+    if not text.lstrip().startswith("{") and candidate.is_file():
+        text = candidate.read_text()
+    return InputSpec.from_json(text)
+
+
+INPUT_SPEC_HELP = (
+    "Override the model's input spec: JSON or a .json file with shape, mean, std "
+    '(e.g. \'{"shape": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}\').'
+)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--weights", "-w", type=click.Path(dir_okay=False), help="Checkpoint to load.")
+@click.option(
+    "--data",
+    "-d",
+    "data_spec",
+    required=True,
+    help="cifar10:DIR, cifar100:DIR, npz:FILE, folder:DIR or digits.",
+)
+@click.option("--split", type=click.Choice(["test", "heldout", "train"]), default="test", show_default=True)
+@click.option("--classes", help="Evaluate on these classes only, remapped to 0..k-1 (e.g. 0,1,5).")
+@click.option("--input-spec", "input_spec", help=INPUT_SPEC_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(model, weights, data_spec, split, classes, input_spec, as_json) -> None:
+    """Top-1 accuracy of MODEL (a zoo name, package.module:factory, or an .onnx file)."""
+    from edgecompress.api import evaluate_model
+
+    progress, report = _progress()
+    with progress:
+        result = evaluate_model(
+            model,
+            data_spec,
+            weights=weights,
+            split=split,
+            classes=_parse_classes(classes),
+            input_spec=_input_spec(input_spec),
+            progress=report,
+        )
+    record = {**result.as_dict(), "model": model, "data": data_spec, "split": split}
+    if as_json:
+        _echo_json(record)
+    else:
+        counts = f"{result.correct}/{result.n}, {result.runtime}"
+        click.echo(f"{model} on {data_spec} [{split}]: top-1 {result.top1:.2f}% ({counts})")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--weights", "-w", type=click.Path(dir_okay=False), help="Checkpoint to load.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--opset", default=17, show_default=True, help="ONNX opset.")
+@click.option("--parity-data", help="Dataset spec to check torch/onnxruntime agreement on (default: none).")
+@click.option("--input-spec", "input_spec", help=INPUT_SPEC_HELP)
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def export(model, weights, out, opset, parity_data, input_spec, force, as_json) -> None:
+    """Export MODEL to a checked ONNX file (dynamic batch, input spec in its metadata)."""
+    from edgecompress.api import export_model
+
+    progress, report = _progress()
+    with progress:
+        result = export_model(
+            model,
+            out,
+            weights=weights,
+            opset=opset,
+            parity_data=parity_data,
+            input_spec=_input_spec(input_spec),
+            force=force,
+            progress=report,
+        )
+    record = {"path": str(result.path), "size_bytes": result.size_bytes, "opset": result.opset}
+    if result.parity is not None:
+        record["parity"] = {
+            "n": result.parity.n,
+            "top1_agreement": result.parity.top1_agreement,
+            "max_abs_diff": result.parity.max_abs_diff,
+        }
+    if as_json:
+        _echo_json(record)
+        return
+    click.echo(f"wrote {result.path} ({result.size_bytes / 1024:.1f} KiB, opset {result.opset})")
+    if result.parity is not None:
+        click.echo(
+            f"parity with torch on {result.parity.n} images: top-1 agreement "
+            f"{100 * result.parity.top1_agreement:.2f}%, "
+            f"max logit difference {result.parity.max_abs_diff:.2e}"
+        )
+
+
+@cli.command()
+@click.option("--out", "-o", default="edgecompress-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an earlier demo's files.")
+def demo(out, force) -> None:
+    """The whole job on the embedded default: bundled digits data, offline, in minutes."""
+    from edgecompress import run_demo
+
+    progress, report = _progress()
+    with progress:
+        result = run_demo(out, force=force, progress=report)
+    click.echo(f"small CNN on digits ({result.n_test} test images): torch top-1 {result.torch_top1:.2f}%")
+    click.echo(
+        f"exported {result.onnx_path} ({result.onnx_size_bytes / 1024:.1f} KiB); "
+        f"onnxruntime top-1 {result.onnx_top1:.2f}%, agreement {100 * result.parity_agreement:.1f}%"
+    )

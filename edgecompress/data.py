@@ -36,6 +36,8 @@ class Dataset:
     classes: tuple[str, ...]
     name: str
     split: str
+    # For a class subset: the original class numbers, in the order of the new labels.
+    source_classes: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -102,7 +104,7 @@ def _subset(data: Dataset, classes: Sequence[int]) -> Dataset:
     remap[list(classes)] = np.arange(len(classes))
     keep = remap[data.y] >= 0
     names = tuple(data.classes[c] for c in classes)
-    return Dataset(data.x[keep], remap[data.y[keep]], names, data.name, data.split)
+    return Dataset(data.x[keep], remap[data.y[keep]], names, data.name, data.split, tuple(classes))
 
 
 # --- loaders: each turns the part after "scheme:" into a _Source -------------------------
@@ -115,9 +117,7 @@ def _unpickle(path: Path) -> dict:
     except FileNotFoundError:
         raise DataError(f"{path} is missing; is this a CIFAR python-pickle folder?") from None
     except Exception as err:
-        raise DataError(
-            f"{path} is not a readable CIFAR pickle ({type(err).__name__}: {err})"
-        ) from None
+        raise DataError(f"{path} is not a readable CIFAR pickle ({type(err).__name__}: {err})") from None
     if not isinstance(raw, dict):
         raise DataError(f"{path} does not hold a CIFAR batch dictionary")
     # The original archive loads with bytes keys, the JPEG copy with str keys.
@@ -147,16 +147,12 @@ def _find_batches(root: Path, marker: str, inner: str) -> Path:
 
 def _cifar10(arg: str) -> _Source:
     folder = _find_batches(Path(arg), "data_batch_1", "cifar-10-batches-py")
-    parts = [
-        _pickle_images(_unpickle(folder / f"data_batch_{i}"), folder, "labels") for i in range(1, 6)
-    ]
+    parts = [_pickle_images(_unpickle(folder / f"data_batch_{i}"), folder, "labels") for i in range(1, 6)]
     test = _pickle_images(_unpickle(folder / "test_batch"), folder, "labels")
     names = [f"class{i}" for i in range(10)]
     if (folder / "batches.meta").exists():
         meta = _unpickle(folder / "batches.meta")
-        names = [
-            n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", names)
-        ]
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", names)]
     train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     return _Source(train, test, tuple(names), CIFAR_HELDOUT)
 
@@ -168,10 +164,7 @@ def _cifar100(arg: str) -> _Source:
     names = [f"class{i}" for i in range(100)]
     if (folder / "meta").exists():
         meta = _unpickle(folder / "meta")
-        names = [
-            n.decode() if isinstance(n, bytes) else str(n)
-            for n in meta.get("fine_label_names", names)
-        ]
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("fine_label_names", names)]
     return _Source(train, test, tuple(names), CIFAR_HELDOUT)
 
 
@@ -182,16 +175,12 @@ def _npz(arg: str) -> _Source:
     try:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f or "y" not in f:
-                raise DataError(
-                    f"{path} must hold arrays 'x' (images) and 'y' (labels); it has {list(f)}"
-                )
+                raise DataError(f"{path} must hold arrays 'x' (images) and 'y' (labels); it has {list(f)}")
             x, y = f["x"], f["y"]
     except DataError:
         raise
     except Exception as err:
-        raise DataError(
-            f"{path} is not a readable npz file ({type(err).__name__}: {err})"
-        ) from None
+        raise DataError(f"{path} is not a readable npz file ({type(err).__name__}: {err})") from None
     if x.ndim != 4 or x.dtype != np.uint8:
         raise DataError(f"{path}: 'x' must be uint8 images NHWC or NCHW, got {x.dtype} {x.shape}")
     if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
@@ -227,9 +216,7 @@ def _read_image_folder(folder: Path, classes: list[str]) -> tuple[np.ndarray, np
 def _folder(arg: str) -> _Source:
     root = Path(arg)
     if not root.is_dir():
-        raise DataError(
-            f"image folder {root} does not exist; give a folder with one sub-folder per class"
-        )
+        raise DataError(f"image folder {root} does not exist; give a folder with one sub-folder per class")
     if (root / "train").is_dir() and (root / "test").is_dir():
         classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
         train = _read_image_folder(root / "train", classes)
@@ -278,8 +265,7 @@ def _cached_source(scheme: str, arg: str) -> _Source:
     stamp = ""
     if root.exists():
         stamp = ";".join(
-            f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}"
-            for p in sorted(root.rglob("*"))[:200]
+            f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in sorted(root.rglob("*"))[:200]
         )
     key = hashlib.sha256(f"{scheme}|{root}|{stamp}".encode()).hexdigest()[:20]
     path = _cache_dir() / f"{scheme}-{key}.npz"

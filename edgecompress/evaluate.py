@@ -50,6 +50,18 @@ def _batched(
     return np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
 
 
+def _logit_columns(outputs: int, data: Dataset) -> list[int] | None:
+    """Which logits to compare: a full model on a class subset competes only among the subset."""
+    if outputs == data.num_classes:
+        return None
+    if data.source_classes is not None and max(data.source_classes) < outputs:
+        return list(data.source_classes)
+    raise ModelError(
+        f"the model outputs {outputs} classes but the data has {data.num_classes}; "
+        "use --classes to evaluate on the classes the model was trained for"
+    )
+
+
 def evaluate(
     model: LoadedModel | str | Path,
     data: Dataset,
@@ -81,12 +93,14 @@ def evaluate(
         def predict(x: np.ndarray) -> np.ndarray:
             return onnx_logits(session, x, batch_size)
 
-    if data.num_classes > spec.num_classes:
-        raise ModelError(
-            f"the data has {data.num_classes} classes but the model outputs {spec.num_classes}; "
-            "use --classes to evaluate on a subset the model was trained for"
-        )
-    predictions = _batched(predict, spec, data, batch_size, progress)
+    columns = _logit_columns(spec.num_classes, data)
+    predictions = _batched(
+        (lambda x: predict(x)[:, columns]) if columns is not None else predict,
+        spec,
+        data,
+        batch_size,
+        progress,
+    )
     correct = int(np.sum(predictions == data.y))
     top1 = 100.0 * correct / len(data) if len(data) else 0.0
     return EvalResult(top1, len(data), correct, runtime, predictions)

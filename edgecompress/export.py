@@ -50,9 +50,7 @@ class ExportResult:
 def check_writable(out: Path, force: bool) -> None:
     """Refuse to overwrite a user's file without force, and fail early on an unwritable folder."""
     if out.exists() and not force:
-        raise OutputError(
-            f"{out} already exists; pass --force to overwrite it or choose another path"
-        )
+        raise OutputError(f"{out} already exists; pass --force to overwrite it or choose another path")
     if out.exists() and out.is_dir():
         raise OutputError(f"{out} is a folder; give a file path ending in .onnx")
     parent = out.parent if str(out.parent) else Path(".")
@@ -148,7 +146,14 @@ def write_onnx(
 def read_metadata(path: str | Path) -> dict[str, str]:
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise ExportError(f"ONNX file {path} does not exist") from None
+    except Exception as err:
+        raise ExportError(
+            f"{path} is not a readable ONNX file ({type(err).__name__}); re-export it"
+        ) from None
     return {p.key: p.value for p in model.metadata_props}
 
 
@@ -183,9 +188,7 @@ def onnx_session(path: str | Path, threads: int = 0) -> Any:
 
 def onnx_logits(session: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     name = session.get_inputs()[0].name
-    outputs = [
-        session.run(None, {name: x[s : s + batch_size]})[0] for s in range(0, len(x), batch_size)
-    ]
+    outputs = [session.run(None, {name: x[s : s + batch_size]})[0] for s in range(0, len(x), batch_size)]
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 

@@ -126,11 +126,7 @@ def split_checkpoint(obj: Any) -> tuple[Any, dict[str, Any] | None, InputSpec | 
     if isinstance(obj, torch.nn.Module):
         return obj, None, _spec_of(obj)
     if isinstance(obj, dict):
-        spec = (
-            InputSpec.from_dict(obj["input_spec"])
-            if isinstance(obj.get("input_spec"), dict)
-            else None
-        )
+        spec = InputSpec.from_dict(obj["input_spec"]) if isinstance(obj.get("input_spec"), dict) else None
         for key in ("state_dict", "model_state_dict", "model"):
             inner = obj.get(key)
             if isinstance(inner, torch.nn.Module):
@@ -146,7 +142,7 @@ def split_checkpoint(obj: Any) -> tuple[Any, dict[str, Any] | None, InputSpec | 
 
 
 def _spec_of(obj: Any) -> InputSpec | None:
-    spec = getattr(obj, "input_spec", None)
+    spec = getattr(obj, "input_spec", None) or getattr(obj, "INPUT_SPEC", None)
     if isinstance(spec, InputSpec):
         return spec
     if isinstance(spec, dict):
@@ -171,9 +167,7 @@ def load_state(module: Any, state: dict[str, Any], source: str) -> None:
     wrong = [
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
         for k in own
-        if k in state
-        and hasattr(state[k], "shape")
-        and tuple(state[k].shape) != tuple(own[k].shape)
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or wrong:
         parts = []
@@ -207,7 +201,11 @@ def load_model(
         split_checkpoint(checkpoint) if checkpoint is not None else (None, None, None)
     )
     if saved_module is not None:
-        module, default_spec = saved_module, None
+        module = saved_module
+        default_spec = None
+        if name in MODELS:
+            entry = MODELS[name]
+            default_spec = entry.spec(_classes_in(module.state_dict(), entry.classifier) or 10)
     elif name in MODELS:
         entry = MODELS[name]
         classes = num_classes or _classes_in(state, entry.classifier) or 10

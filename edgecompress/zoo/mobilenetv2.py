@@ -17,9 +17,7 @@ CIFAR_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
-def conv_bn_relu(
-    cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1
-) -> nn.Sequential:
+def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),

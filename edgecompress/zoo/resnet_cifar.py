@@ -13,17 +13,29 @@ from torch import nn
 class ZeroPadShortcut(nn.Module):
     """Option A: subsample by 2 and zero-pad the new channels, no parameters.
 
-    The published checkpoints pad planes // 4 on each side; pruning may make the two
-    sides differ, so they are kept apart.
+    The published checkpoints pad planes // 4 on each side. After channel pruning the
+    kept input channels no longer land on a contiguous output range, so a pruned
+    shortcut carries `channel_map`: output channel j takes input channel
+    channel_map[j], where index C (one past the input channels) is a zero channel.
+    It is a non-persistent buffer, so checkpoints keep loading, and it exports as
+    plain Pad + Gather.
     """
 
-    def __init__(self, pad_front: int, pad_back: int) -> None:
+    channel_map: torch.Tensor | None
+
+    def __init__(self, pad_front: int, pad_back: int, channel_map: list[int] | None = None) -> None:
         super().__init__()
         self.pad_front = pad_front
         self.pad_back = pad_back
+        index = None if channel_map is None else torch.tensor(channel_map, dtype=torch.long)
+        self.register_buffer("channel_map", index, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad_front, self.pad_back))
+        x = x[:, :, ::2, ::2]
+        if self.channel_map is None:
+            return F.pad(x, (0, 0, 0, 0, self.pad_front, self.pad_back))
+        # One zero channel appended at index C for the outputs no kept input lands on.
+        return F.pad(x, (0, 0, 0, 0, 0, 1)).index_select(1, self.channel_map)
 
 
 class BasicBlock(nn.Module):
@@ -48,9 +60,7 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(
-        self, depth: int, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64)
-    ):
+    def __init__(self, depth: int, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64)):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")

@@ -26,6 +26,7 @@ LAYERS = {
     "search": 6,
     "pipeline": 7,
     "demo": 7,
+    "api": 8,
     "__init__": 8,
     "cli": 8,
     "__main__": 8,
