@@ -1,0 +1,336 @@
+"""`edgecompress profile`: time the reference suite on a device, write its calibration
+and per-layer latency table beside a copy of its profile.
+
+On a board (--remote) the reference CNNs are timed there and on this host with the
+profile's settings; the median ratio becomes the profile's measured `latency_scale`.
+Without a board the rows are timed on this host (emulated-on-host) and the profile's
+declared calibration is kept and stated. Either way the predictor is fitted on some
+reference CNNs and its error (MAPE) is reported on the others, which it never saw.
+The written profile goes to $EDGECOMPRESS_HOME/profiles or --out, never into the
+installed package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecompress.errors import MeasureError, OutputError
+from edgecompress.measure.latency_table import (
+    Check,
+    LatencyTable,
+    fit_family,
+    row_ms,
+    save_table,
+    table_sum,
+)
+from edgecompress.measure.layers import LayerKey
+from edgecompress.measure.protocol import job_for, summarize
+from edgecompress.measure.reference import layer_keys, layer_model, reference_cnns, to_qdq
+from edgecompress.profiles import (
+    DeviceProfile,
+    load_profile,
+    user_profiles_dir,
+    write_profile,
+)
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, "float | None"], None]
+LAYER_REPEATS = 30  # per single-layer graph; the profiler's per-node times are averaged
+BATCH_BYTES = 40 << 20  # per worker job / agent upload
+BATCH_MODELS = 150
+# Held out from the fit: the "-c" variants (widths and depths the fit never saw).
+HELD_OUT_SUFFIX = "-c"
+
+
+@dataclass(frozen=True)
+class ReferenceTiming:
+    """A reference CNN's end-to-end time where the table was built (and on this host)."""
+
+    name: str
+    family: str
+    precision: str
+    ms: float  # table units: device ms on a board, host ms when emulated
+    host_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """What `edgecompress profile` wrote and found."""
+
+    profile: DeviceProfile
+    profile_path: Path
+    table_path: Path
+    table: LatencyTable
+    references: tuple[ReferenceTiming, ...]
+    mode: str
+
+
+def _noop(stage: str, fraction: float | None) -> None:
+    pass
+
+
+class _Timer:
+    """Times batches of ONNX files on this host or through an agent, in chunks."""
+
+    def __init__(self, profile: DeviceProfile, remote: str | None, token: str | None) -> None:
+        self.profile = profile
+        self.client = None
+        if remote is not None:
+            from edgecompress.measure.remote import AgentClient
+
+            self.client = AgentClient(remote, token)
+
+    def run(
+        self,
+        files: Sequence[tuple[str, Path]],
+        *,
+        node_times: bool,
+        repeats: int | None,
+        local: bool = False,
+    ) -> tuple[dict[str, dict], dict[str, Any]]:
+        from edgecompress.measure.runner import WorkerFailed, run_job
+
+        models = [{"id": i, "path": str(p)} for i, p in files]
+        job = job_for(self.profile, models, memory_cap=False, node_times=node_times)
+        if repeats is not None:
+            job["repeats"] = repeats
+        timeout = self.profile.measure.timeout_s
+        if self.client is not None and not local:
+            result = self.client.measure_files(list(files), job, timeout_s=timeout)
+        else:
+            try:
+                result = run_job(job, timeout)
+            except WorkerFailed as err:
+                raise MeasureError(f"timing the reference suite failed: {err}") from None
+        by_id = {r["id"]: r for r in result.get("results", [])}
+        return by_id, result
+
+
+def _chunks(items: list[tuple[Any, Path]]) -> Iterator[list[tuple[Any, Path]]]:
+    chunk, size = [], 0
+    for item in items:
+        nbytes = item[1].stat().st_size
+        if chunk and (size + nbytes > BATCH_BYTES or len(chunk) >= BATCH_MODELS):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
+def _precisions(profile: DeviceProfile) -> list[tuple[str, str]]:
+    out = [("fp32", "fp32")]
+    if profile.kernels.int8_activations != "none":
+        out.append(("int8", profile.kernels.int8_activations))
+    return out
+
+
+def time_rows(
+    timer: _Timer, keys: Sequence[LayerKey], folder: Path, progress: Progress
+) -> tuple[dict[LayerKey, float], dict[str, Any]]:
+    """Milliseconds of each single-layer graph's own kernels."""
+    import onnx
+
+    rows: dict[LayerKey, float] = {}
+    info: dict[str, Any] = {}
+    pending = list(enumerate(keys))
+    done = 0
+    while pending:
+        batch, batch_bytes = [], 0
+        while pending and len(batch) < BATCH_MODELS and batch_bytes < BATCH_BYTES:
+            index, key = pending.pop(0)
+            path = folder / f"layer-{index:05d}.onnx"
+            onnx.save(layer_model(key), str(path))
+            batch.append((str(index), path))
+            batch_bytes += path.stat().st_size
+        by_id, info = timer.run(batch, node_times=True, repeats=LAYER_REPEATS)
+        for model_id, path in batch:
+            result = by_id.get(model_id, {})
+            key = keys[int(model_id)]
+            if result.get("status") == "ok" and result.get("nodes"):
+                rows[key] = row_ms(key, result["nodes"])
+            else:
+                log.warning("no time for %s: %s", key, result.get("message", "no result"))
+            path.unlink(missing_ok=True)
+        done += len(batch)
+        progress("timing single layers", done / len(keys))
+    return rows, info
+
+
+def time_references(
+    timer: _Timer,
+    references: Sequence[tuple[str, str, str, Any]],
+    folder: Path,
+    progress: Progress,
+    *,
+    on_host_too: bool,
+) -> list[ReferenceTiming]:
+    """End-to-end p50 of each reference CNN (and on this host, for the ratio)."""
+    import onnx
+
+    files = []
+    for name, _family, _precision, model in references:
+        path = folder / f"{name}.onnx"
+        onnx.save(model, str(path))
+        files.append((name, path))
+    progress("timing reference models", 0.0)
+    by_id, _ = timer.run(files, node_times=False, repeats=None)
+    host = {}
+    if on_host_too:
+        host, _ = timer.run(files, node_times=False, repeats=None, local=True)
+    progress("timing reference models", 1.0)
+    timings = []
+    for name, fam, precision, _model in references:
+        result = by_id.get(name, {})
+        if result.get("status") != "ok":
+            raise MeasureError(f"reference model {name} failed: {result.get('message')}")
+        host_ms = None
+        if name in host and host[name].get("status") == "ok":
+            host_ms = summarize(host[name]["samples_ns"]).p50
+        timings.append(ReferenceTiming(name, fam, precision, summarize(result["samples_ns"]).p50, host_ms))
+    return timings
+
+
+def build_references(profile: DeviceProfile, quick: bool) -> list[tuple[str, str, str, Any]]:
+    """(name, family, precision, model): each reference CNN in fp32 and the fast int8."""
+    out = []
+    for name, fam, model in reference_cnns(profile.kernels.channel_multiple, quick):
+        out.append((f"{name}-fp32", fam, "fp32", model))
+        if profile.kernels.int8_activations != "none":
+            act = profile.kernels.int8_activations
+            out.append((f"{name}-{act}", fam, act, to_qdq(model, act)))
+    return out
+
+
+def fit_table(
+    table: LatencyTable,
+    references: Sequence[tuple[str, str, str, Any]],
+    timings: Sequence[ReferenceTiming],
+) -> LatencyTable:
+    """Fit (a, b, c) per precision family; check on the held-out models, then refit on all."""
+    measured = {t.name: t.ms for t in timings}
+    sums = {}
+    for name, _fam, _precision, model in references:
+        sums[name] = table_sum(model, table)
+    by_family: dict[str, list[str]] = {}
+    for name, (_total, _count, fam) in sums.items():
+        by_family.setdefault(fam, []).append(name)
+
+    def fit(names: list[str]) -> Any:
+        return fit_family(
+            [sums[n][0] for n in names], [sums[n][1] for n in names], [measured[n] for n in names]
+        )
+
+    checks = []
+    fits = {}
+    for fam, names in by_family.items():
+        base = [n.rsplit("-", 1)[0] for n in names]
+        train = [n for n, b in zip(names, base, strict=False) if not b.endswith(HELD_OUT_SUFFIX)]
+        held = [n for n, b in zip(names, base, strict=False) if b.endswith(HELD_OUT_SUFFIX)]
+        if held and len(train) >= 2:
+            partial = fit(train)
+            for n in held:
+                predicted = partial.apply(sums[n][0], sums[n][1])
+                checks.append(Check(n, fam, predicted, measured[n]))
+        fits[fam] = fit(names)
+    return dataclasses.replace(table, fits=fits, held_out=tuple(checks))
+
+
+def _scale_from(timings: Sequence[ReferenceTiming]) -> tuple[float, str]:
+    ratios = [t.ms / t.host_ms for t in timings if t.host_ms]
+    if not ratios:
+        raise MeasureError("no reference model could be timed on both the board and this host")
+    ratio = float(np.median(ratios))
+    spread = (min(ratios), max(ratios))
+    return ratio, f"{len(ratios)} reference CNNs, ratios {spread[0]:.2f}-{spread[1]:.2f}"
+
+
+def profile_device(
+    device: str | Path | DeviceProfile,
+    *,
+    remote: str | None = None,
+    token: str | None = None,
+    out: str | Path | None = None,
+    quick: bool = False,
+    progress: Progress | None = None,
+) -> ProfileResult:
+    """Time the reference suite on a device; write its calibration and latency table.
+
+    With `remote` (an agent URL) the suite runs on the board and the calibration becomes
+    measured; without, it runs on this host with the profile's settings (emulated) and
+    the profile's declared calibration is kept. `quick` times a small grid (for tests).
+    """
+    progress = progress or _noop
+    profile = load_profile(device)
+    folder = Path(out).expanduser() if out is not None else user_profiles_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create {folder}: {err.strerror}; choose another --out") from None
+    mode = "measured-on-device" if remote is not None else "emulated-on-host"
+    timer = _Timer(profile, remote, token)
+    keys = layer_keys(profile.kernels.channel_multiple, _precisions(profile), quick=quick)
+    progress("building reference models", None)
+    references = build_references(profile, quick)
+    with tempfile.TemporaryDirectory(prefix="edgecompress-profile-") as tmp:
+        rows, info = time_rows(timer, keys, Path(tmp), progress)
+        timings = time_references(timer, references, Path(tmp), progress, on_host_too=remote is not None)
+    if not rows:
+        raise MeasureError("no single-layer graph could be timed; see the log for why")
+    calibration = profile.calibration
+    if remote is not None:
+        scale, how = _scale_from(timings)
+        today = datetime.date.today().isoformat()
+        calibration = dataclasses.replace(
+            calibration,
+            latency_scale=round(scale, 4),
+            source="measured",
+            note=f"measured by `edgecompress profile` on {today} through the agent at "
+            f"{remote} ({info.get('machine', '?')}, onnxruntime {info.get('ort_version', '?')}): "
+            f"median device/host p50 over {how}",
+        )
+    table = LatencyTable(
+        device=profile.name,
+        mode=mode,
+        runtime=f"onnxruntime {info.get('ort_version', '?')}",
+        machine=str(info.get("machine", "?")),
+        # Rows from a board are device ms; rows from the host become device ms by the
+        # profile's (declared) calibration, which the table keeps saying.
+        latency_scale=1.0 if remote is not None else calibration.latency_scale,
+        calibration="none" if remote is not None else calibration.source,
+        channel_multiple=profile.kernels.channel_multiple,
+        rows=tuple(sorted(rows.items(), key=lambda kv: dataclasses.astuple(kv[0]))),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    table = fit_table(table, references, timings)
+    table_name = f"{profile.name}.latency.json"
+    table_path = save_table(table, folder / table_name)
+    written = dataclasses.replace(profile, calibration=calibration, latency_table=table_name)
+    profile_path = write_profile(written, folder / f"{profile.name}.yaml")
+    written = dataclasses.replace(written, path=profile_path)
+    return ProfileResult(written, profile_path, table_path, table, tuple(timings), mode)
+
+
+def load_latency_table(device: str | Path | DeviceProfile) -> LatencyTable:
+    """The latency table written beside a profile by `edgecompress profile`."""
+    from edgecompress.measure.latency_table import load_table
+
+    profile = load_profile(device)
+    path = profile.latency_table_path
+    if path is None:
+        raise MeasureError(
+            f"profile {profile.name} has no latency table yet; run "
+            f"`edgecompress profile --device {profile.name}` first"
+        )
+    return load_table(path)

@@ -1,0 +1,430 @@
+"""Per-layer latency table: rows, interpolation, whole-model prediction, save and load.
+
+A row maps a layer key (op, channels in/out, feature size, kernel, stride, groups,
+weight and activation precision) to the milliseconds its kernels took on the device,
+timed alone with onnxruntime's profiler so that layout conversions at a lone layer's
+edges (NCHWc reorders, NHWC transposes) are left out. A model's latency is predicted as
+
+    ms = scale x (a x sum(rows of its layers) + b x layers + c)
+
+where (a, b, c) are fitted per precision family on reference models timed end to end:
+they carry what a sum of kernels misses (per-node dispatch, the session's fixed cost, the
+layout conversions a whole model does need). Between rows the table interpolates
+linearly in channels (after rounding up to the SIMD channel multiple) and in pixels,
+and extrapolates in proportion beyond its largest rows. Plain numpy and onnx, no
+session, no torch: the search calls `predict_latency` per candidate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecompress.errors import MeasureError
+from edgecompress.measure.layers import Layer, LayerKey, describe
+
+FORMAT = 1
+# Nodes onnxruntime adds to convert layouts around a lone layer; not part of its cost.
+LAYOUT_OPS = {"ReorderInput", "ReorderOutput", "Transpose"}
+ELEMENTWISE_FALLBACK = "Relu"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """ms = a x sum(rows) + b x layers + c, for one precision family."""
+
+    a: float
+    b: float
+    c: float
+    models: int  # how many reference models it was fitted on
+
+    def apply(self, table_ms: float, layers: int) -> float:
+        return self.a * table_ms + self.b * layers + self.c
+
+
+@dataclass(frozen=True)
+class Check:
+    """One model's predicted against measured latency (table units)."""
+
+    name: str
+    family: str
+    predicted_ms: float
+    measured_ms: float
+
+    @property
+    def error(self) -> float:
+        return (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """The per-layer table of one device, with its fits and how well it predicts."""
+
+    device: str
+    mode: str  # how the rows were timed: emulated-on-host | measured-on-device | ...
+    runtime: str  # onnxruntime version (and machine) that timed them
+    machine: str
+    latency_scale: float  # device ms per table ms (1 when timed on the device)
+    calibration: str  # declared | measured | none
+    channel_multiple: int
+    rows: tuple[tuple[LayerKey, float], ...]
+    fits: dict[str, Fit] = field(default_factory=dict, hash=False)
+    held_out: tuple[Check, ...] = ()  # models the fit never saw
+    created: str = ""
+
+    @property
+    def mape(self) -> float | None:
+        """Mean absolute percentage error on the held-out reference models."""
+        if not self.held_out:
+            return None
+        return float(np.mean([abs(c.error) for c in self.held_out]) * 100)
+
+    @functools.cached_property
+    def _index(self) -> _Index:
+        return _Index(self.rows, self.channel_multiple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "device": self.device,
+            "mode": self.mode,
+            "runtime": self.runtime,
+            "machine": self.machine,
+            "latency_scale": self.latency_scale,
+            "calibration": self.calibration,
+            "channel_multiple": self.channel_multiple,
+            "created": self.created,
+            "fits": {k: dataclasses.asdict(v) for k, v in self.fits.items()},
+            "held_out": [dataclasses.asdict(c) for c in self.held_out],
+            "mape_percent": self.mape,
+            "rows": [{**dataclasses.asdict(k), "ms": ms} for k, ms in self.rows],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyTable:
+        if data.get("format") != FORMAT:
+            raise MeasureError(
+                f"latency table format {data.get('format')!r} is not {FORMAT}; "
+                "run `edgecompress profile` again to rebuild it"
+            )
+        key_fields = {f.name for f in dataclasses.fields(LayerKey)}
+        rows = tuple(
+            (LayerKey(**{k: v for k, v in row.items() if k in key_fields}), float(row["ms"]))
+            for row in data["rows"]
+        )
+        return cls(
+            device=data["device"],
+            mode=data["mode"],
+            runtime=data["runtime"],
+            machine=data["machine"],
+            latency_scale=float(data["latency_scale"]),
+            calibration=data["calibration"],
+            channel_multiple=int(data["channel_multiple"]),
+            rows=rows,
+            fits={k: Fit(**v) for k, v in data.get("fits", {}).items()},
+            held_out=tuple(Check(**c) for c in data.get("held_out", [])),
+            created=data.get("created", ""),
+        )
+
+
+def save_table(table: LatencyTable, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(table.to_dict(), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load_table(path: str | Path) -> LatencyTable:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise MeasureError(f"cannot read latency table {path}: {err.strerror}") from None
+    except json.JSONDecodeError:
+        raise MeasureError(f"latency table {path} is not valid JSON; rebuild it") from None
+    try:
+        return LatencyTable.from_dict(data)
+    except (KeyError, TypeError, ValueError) as err:
+        raise MeasureError(f"latency table {path} is malformed ({err}); rebuild it") from None
+
+
+def row_ms(key: LayerKey, nodes: Sequence[Sequence[Any]]) -> float:
+    """A row's milliseconds from a lone layer's per-node times (us), layout nodes left out."""
+    keep = [t for _name, op, t in nodes if op not in LAYOUT_OPS or key.op == "Transpose"]
+    return float(sum(keep)) / 1000.0
+
+
+# ---------------------------------------------------------------- interpolation
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise linear; flat below the first point, proportional beyond the last."""
+    if len(xs) == 1:
+        return ys[0] * (x / xs[0] if x > xs[0] else 1.0)
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1] * x / xs[-1]
+    i = bisect.bisect_right(xs, x) - 1
+    t = (x - xs[i]) / (xs[i + 1] - xs[i])
+    return ys[i] + t * (ys[i + 1] - ys[i])
+
+
+def _interp_rows(rows: dict[float, Callable[[], float]], x: float) -> float:
+    """Interpolate between the two rows bracketing x (each row evaluated lazily)."""
+    xs = sorted(rows)
+    if len(xs) == 1 or x <= xs[0]:
+        return rows[xs[0]]() * (x / xs[0] if len(xs) == 1 and x > xs[0] else 1.0)
+    if x >= xs[-1]:
+        return rows[xs[-1]]() * x / xs[-1]
+    i = bisect.bisect_right(xs, x) - 1
+    lo, hi = rows[xs[i]](), rows[xs[i + 1]]()
+    t = (x - xs[i]) / (xs[i + 1] - xs[i])
+    return lo + t * (hi - lo)
+
+
+def _pad(channels: int, multiple: int) -> int:
+    """Channels as SIMD kernels see them: rounded up to the channel multiple."""
+    if channels <= multiple:
+        return channels
+    return -(-channels // multiple) * multiple
+
+
+class _Index:
+    """Rows grouped for interpolation; built once per table."""
+
+    def __init__(self, rows: Sequence[tuple[LayerKey, float]], multiple: int) -> None:
+        self.multiple = multiple
+        # dense conv: (wprec, aprec, kernel, stride) -> size -> cin -> [(cout, ms)]
+        self.dense: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+        # depthwise conv: (wprec, aprec, kernel, stride) -> size -> [(c, ms)]
+        self.depthwise: dict = defaultdict(lambda: defaultdict(list))
+        # gemm: (wprec, aprec) -> cin -> [(cout, ms)]
+        self.gemm: dict = defaultdict(lambda: defaultdict(list))
+        # others: (op, aprec, kernel, stride) -> [(elements, ms)]
+        self.other: dict = defaultdict(list)
+        for key, ms in rows:
+            if key.op == "Conv" and key.depthwise:
+                self.depthwise[(key.wprec, key.aprec, key.kernel, key.stride)][key.size].append((key.cin, ms))
+            elif key.op == "Conv":
+                self.dense[(key.wprec, key.aprec, key.kernel, key.stride)][key.size][key.cin].append(
+                    (key.cout, ms)
+                )
+            elif key.op in ("Gemm", "MatMul"):
+                self.gemm[(key.wprec, key.aprec)][key.cin].append((key.cout, ms))
+            else:
+                self.other[(key.op, key.aprec, key.kernel, key.stride)].append((key.elements, ms))
+        for table in (self.other,):
+            for k in table:
+                table[k] = _collapse(table[k])
+
+    # Each lookup returns (ms, note) where note says what was approximated, or None.
+
+    def lookup(self, key: LayerKey) -> tuple[float, str | None]:
+        if key.op == "Conv":
+            return self._conv(key)
+        if key.op in ("Gemm", "MatMul"):
+            return self._gemm(key)
+        return self._other(key)
+
+    def _precision_options(self, table: dict, key: LayerKey, extra: tuple = ()) -> list:
+        wanted = (key.wprec, key.aprec, *extra)
+        if wanted in table:
+            return [(wanted, None)]
+        quantized = key.aprec != "fp32"
+        candidates = [k for k in table if (k[1] != "fp32") == quantized and k[2:] == extra]
+        if not candidates:
+            candidates = [k for k in table if k[2:] == extra]
+        note = f"{key.op} {key.wprec}/{key.aprec} not in the table; used {{}}"
+        return [(k, note.format(f"{k[0]}/{k[1]}")) for k in candidates[:1]]
+
+    def _conv(self, key: LayerKey) -> tuple[float, str | None]:
+        table = self.depthwise if key.depthwise else self.dense
+        exact = self._precision_options(table, key, (key.kernel, key.stride))
+        if exact:
+            (wprec, aprec, *_), note = exact[0]
+            return self._conv_at(table, (wprec, aprec, key.kernel, key.stride), key), note
+        # Another kernel or stride: the nearest shape this table has, scaled by work.
+        shapes = [k for k in table if (k[1] != "fp32") == (key.aprec != "fp32")] or list(table)
+        if not shapes:
+            return self._unknown(key)
+        best = min(shapes, key=lambda k: (abs(k[2] - key.kernel), abs(k[3] - key.stride)))
+        proxy = dataclasses.replace(key, kernel=best[2], stride=best[3])
+        ms = self._conv_at(table, best, proxy) * _work(key) / _work(proxy)
+        return ms, f"Conv k{key.kernel}/s{key.stride} scaled from k{best[2]}/s{best[3]} rows"
+
+    def _conv_at(self, table: dict, category: tuple, key: LayerKey) -> float:
+        by_size = table[category]
+        multiple = self.multiple
+        cin, cout = _pad(key.cin, multiple), _pad(key.cout, multiple)
+        if key.depthwise:
+
+            def at_size(size: int) -> Callable[[], float]:
+                points = _collapse(by_size[size])
+                return lambda: _interp([p[0] for p in points], [p[1] for p in points], cin)
+
+        else:
+            groups = max(1, key.groups)
+            cin, cout = _pad(key.cin // groups, multiple), _pad(key.cout // groups, multiple)
+
+            def at_size(size: int) -> Callable[[], float]:
+                def value() -> float:
+                    rows = {}
+                    for c, points in by_size[size].items():
+                        pts = _collapse(points)
+                        rows[c] = functools.partial(_interp, [p[0] for p in pts], [p[1] for p in pts], cout)
+                    return _interp_rows(rows, cin) * groups
+
+                return value
+
+        rows = {float(size * size): at_size(size) for size in by_size}
+        return _interp_rows(rows, float(key.size * key.size))
+
+    def _gemm(self, key: LayerKey) -> tuple[float, str | None]:
+        options = self._precision_options(self.gemm, key)
+        if not options:
+            return self._unknown(key)
+        category, note = options[0]
+        by_cin = self.gemm[category]
+        rows = {}
+        for c, points in by_cin.items():
+            pts = _collapse(points)
+            rows[float(c)] = functools.partial(
+                _interp, [p[0] for p in pts], [p[1] for p in pts], float(key.cout)
+            )
+        # Several rows (a MatMul over pixels) cost like that many single-row products.
+        return _interp_rows(rows, float(_pad(key.cin, self.multiple))) * key.size**2, note
+
+    def _other(self, key: LayerKey) -> tuple[float, str | None]:
+        wanted = (key.op, key.aprec, key.kernel, key.stride)
+        if wanted not in self.other:
+            same_op = [k for k in self.other if k[0] == key.op and k[1] == key.aprec]
+            same_op = same_op or [k for k in self.other if k[0] == key.op]
+            if same_op:
+                best = min(same_op, key=lambda k: (abs(k[2] - key.kernel), abs(k[3] - key.stride)))
+                points = self.other[best]
+                ms = _interp([p[0] for p in points], [p[1] for p in points], key.elements)
+                return ms, None if best[1] == key.aprec else f"{key.op} {key.aprec} from {best[1]}"
+            return self._unknown(key)
+        points = self.other[wanted]
+        return _interp([p[0] for p in points], [p[1] for p in points], key.elements), None
+
+    def _unknown(self, key: LayerKey) -> tuple[float, str | None]:
+        """An op the table lacks costs like an elementwise op over its tensor."""
+        fallback = [k for k in self.other if k[0] == ELEMENTWISE_FALLBACK]
+        if not fallback:
+            return 0.0, f"{key.op}: no table row and no fallback; counted as 0"
+        points = self.other[fallback[0]]
+        ms = _interp([p[0] for p in points], [p[1] for p in points], key.elements)
+        return ms, f"{key.op} not in the table; costed as an elementwise op"
+
+
+def _collapse(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted by x; repeated x averaged."""
+    grouped: dict[float, list[float]] = defaultdict(list)
+    for x, y in points:
+        grouped[x].append(y)
+    return [(x, float(np.mean(ys))) for x, ys in sorted(grouped.items())]
+
+
+def _work(key: LayerKey) -> float:
+    return float(key.macs + key.elements)
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def family(layers: Sequence[Layer]) -> str:
+    """fp32 or int8: which fit applies (int8 when any weighted layer runs in int8)."""
+    weighted = [layer for layer in layers if layer.key.op in ("Conv", "Gemm", "MatMul")]
+    return "int8" if any(layer.key.aprec != "fp32" for layer in weighted) else "fp32"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A predicted latency with its per-layer breakdown (device ms)."""
+
+    ms: float
+    family: str
+    layers: tuple[tuple[Layer, float], ...]
+    approximations: tuple[str, ...]
+
+
+def explain_latency(model_or_path: Any, table: LatencyTable) -> Prediction:
+    """Predicted device latency of a whole model and what each layer contributes."""
+    layers = describe(model_or_path)
+    index = table._index
+    parts, notes = [], []
+    for layer in layers:
+        ms, note = index.lookup(layer.key)
+        parts.append((layer, ms))
+        if note and note not in notes:
+            notes.append(note)
+    name = family(layers)
+    fit = table.fits.get(name) or table.fits.get("fp32") or Fit(1.0, 0.0, 0.0, 0)
+    total = sum(ms for _layer, ms in parts)
+    predicted = max(fit.apply(total, len(layers)), 0.0)
+    # Per-layer shares scaled so that they add up to the prediction.
+    share = predicted / total if total > 0 else 0.0
+    scale = table.latency_scale
+    return Prediction(
+        ms=predicted * scale,
+        family=name,
+        layers=tuple((layer, ms * share * scale) for layer, ms in parts),
+        approximations=tuple(notes),
+    )
+
+
+def predict_latency(model_or_path: Any, table: LatencyTable | str | Path) -> float:
+    """Predicted device latency (ms) of an ONNX model (path or ModelProto) from the table."""
+    if not isinstance(table, LatencyTable):
+        table = load_table(table)
+    return explain_latency(model_or_path, table).ms
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def fit_family(sums: Sequence[float], counts: Sequence[int], measured: Sequence[float]) -> Fit:
+    """Least-squares (a, b, c) in relative error, kept physical: a > 0, and fewer
+    parameters when there are few models or the full fit goes unphysical."""
+    s = np.asarray(sums, float)
+    n = np.asarray(counts, float)
+    y = np.asarray(measured, float)
+    weights = 1.0 / np.maximum(y, 1e-9)  # relative error: small models count as much
+    candidates = []
+    if len(y) >= 4:
+        candidates.append(np.column_stack([s, n, np.ones_like(s)]))
+    if len(y) >= 2:
+        candidates.append(np.column_stack([s, np.zeros_like(s), np.ones_like(s)]))
+    candidates.append(np.column_stack([s, np.zeros_like(s), np.zeros_like(s)]))
+    for design in candidates:
+        solution, *_ = np.linalg.lstsq(design * weights[:, None], y * weights, rcond=None)
+        a, b, c = (float(v) for v in solution)
+        if 0.3 <= a <= 3.0 and math.isfinite(b) and math.isfinite(c):
+            return Fit(a, b, c, len(y))
+    return Fit(1.0, 0.0, 0.0, len(y))
+
+
+def table_sum(model_or_path: Any, table: LatencyTable) -> tuple[float, int, str]:
+    """(sum of the rows of its layers, number of layers, family) in table units."""
+    layers = describe(model_or_path)
+    index = table._index
+    return sum(index.lookup(layer.key)[0] for layer in layers), len(layers), family(layers)
+
+
+def mape(checks: Sequence[Check]) -> float:
+    return float(np.mean([abs(c.error) for c in checks]) * 100) if checks else float("nan")

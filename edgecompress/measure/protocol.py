@@ -1,0 +1,229 @@
+"""The measuring protocol's statistics and the Measurement record every result becomes.
+
+A Measurement keeps both the raw figures (as timed where the model ran) and the derived
+device figures (raw x calibration scale for emulated modes), and says which mode and
+which calibration source produced them, so no number travels without its provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecompress.errors import MeasureError
+from edgecompress.profiles import DeviceProfile
+
+EXCEEDS_MEMORY = "exceeds the device's memory"
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency statistics in milliseconds over the timed repeats."""
+
+    p50: float
+    p90: float
+    mean: float
+    min: float
+    max: float
+    cv: float  # coefficient of variation: std / mean over the repeats
+
+    def scaled(self, factor: float) -> LatencyStats:
+        return LatencyStats(
+            p50=self.p50 * factor,
+            p90=self.p90 * factor,
+            mean=self.mean * factor,
+            min=self.min * factor,
+            max=self.max * factor,
+            cv=self.cv,
+        )
+
+    def pick(self, statistic: str) -> float:
+        return float(getattr(self, statistic))
+
+
+def summarize(samples_ns: list[int] | np.ndarray) -> LatencyStats:
+    """Statistics of timed repeats given in nanoseconds (time.perf_counter_ns)."""
+    ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    if ms.size == 0:
+        raise MeasureError("no timed repeats came back; raise protocol.repeats in the profile")
+    mean = float(ms.mean())
+    return LatencyStats(
+        p50=float(np.percentile(ms, 50)),
+        p90=float(np.percentile(ms, 90)),
+        mean=mean,
+        min=float(ms.min()),
+        max=float(ms.max()),
+        cv=float(ms.std() / mean) if mean > 0 else 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one model measured on one device profile, with its provenance."""
+
+    model: str  # path of the .onnx file as given
+    sha256: str
+    file_bytes: int
+    device: str
+    mode: str  # emulated-on-host | emulated-arm | measured-on-device
+    status: str  # ok | exceeds-memory
+    # Device figures (ms): raw x latency_scale in emulated modes, as timed on a device.
+    latency_ms: float | None  # the profile's statistic (p50 by default)
+    statistic: str
+    latency: LatencyStats | None
+    # Raw figures (ms) as timed where the model ran (the host in emulated modes).
+    raw: LatencyStats | None
+    latency_scale: float
+    calibration: str  # declared | measured | none (timed on the device itself)
+    peak_memory_mb: float | None
+    memory_budget_mb: float
+    fits_memory: bool
+    storage_budget_kb: float
+    fits_storage: bool
+    ort_version: str
+    provider: str
+    intra_op_threads: int
+    inter_op_threads: int
+    cores_requested: int
+    cores_used: int
+    warmup: int
+    repeats: int
+    machine: str
+    notes: tuple[str, ...] = ()
+    cached: bool = field(default=False, compare=False)
+    # Mode-specific detail (emulated-arm: instruction counts and the cycle model).
+    arm: dict[str, Any] | None = field(default=None, compare=False)
+    # emulated-arm only: instructions per inference (total, by class, per node), parity
+    # with the host's outputs, the cycle model and its estimate (measure/arm).
+    arm: dict[str, Any] | None = field(default=None, hash=False)
+
+    @property
+    def fits(self) -> bool:
+        return self.status == "ok" and self.fits_memory and self.fits_storage
+
+    @property
+    def file_kb(self) -> float:
+        return self.file_bytes / 1024
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["notes"] = list(self.notes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        values = dict(data)
+        for key in ("latency", "raw"):
+            if values.get(key) is not None:
+                values[key] = LatencyStats(**values[key])
+        values["notes"] = tuple(values.get("notes", ()))
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def job_for(
+    profile: DeviceProfile,
+    models: list[dict[str, str]],
+    *,
+    memory_cap: bool,
+    node_times: bool = False,
+    repeats: int | None = None,
+) -> dict:
+    """The worker job that runs models with a profile's cores, threads and protocol."""
+    return {
+        "models": models,
+        "cores": profile.cpu.cores,
+        "intra_op_threads": profile.session.intra_op_threads,
+        "inter_op_threads": profile.session.inter_op_threads,
+        "graph_optimization": profile.session.graph_optimization,
+        "execution_mode": profile.session.execution_mode,
+        "warmup": profile.protocol.warmup,
+        "repeats": repeats or profile.protocol.repeats,
+        # Twice the device RAM over the worker's own address space: generous, because
+        # address space counts reservations; the budget itself is held against peak RSS.
+        "address_space_mb": 2 * profile.budgets.ram_mb if memory_cap else None,
+        "seed": 0,
+        "node_times": node_times,
+    }
+
+
+def make_measurement(
+    path: Path,
+    sha256: str,
+    profile: DeviceProfile,
+    mode: str,
+    worker: dict[str, Any],
+    *,
+    latency_scale: float,
+    calibration: str,
+    extra_notes: tuple[str, ...] = (),
+) -> Measurement:
+    """Turn a worker's result (one model) into a Measurement for this profile and mode."""
+    one = worker["results"][0]
+    status = one.get("status")
+    if status not in ("ok", "exceeds-memory"):
+        raise MeasureError(f"{path} could not be measured: {one.get('message', status)}")
+    file_bytes = path.stat().st_size
+    notes = list(worker.get("notes", ())) + list(extra_notes)
+    raw = latency = None
+    peak = one.get("peak_rss_mb")
+    if status == "ok":
+        raw = summarize(one["samples_ns"])
+        latency = raw.scaled(latency_scale)
+        fits_memory = peak is None or peak <= profile.budgets.model_memory_mb
+        if not fits_memory:
+            notes.append(
+                f"{EXCEEDS_MEMORY}: peak {peak:.1f} MB > budget {profile.budgets.model_memory_mb:g} MB"
+            )
+    else:
+        fits_memory = False
+        notes.append(f"{EXCEEDS_MEMORY}: {one.get('message', 'allocation failed')}")
+        peak = None
+    if calibration == "declared" and latency_scale != 1.0:
+        notes.append(f"device ms = host ms x {latency_scale:g}, a declared estimate, not a measurement")
+    fits_storage = file_bytes / 1024 <= profile.budgets.storage_kb
+    if not fits_storage:
+        notes.append(f"file {file_bytes / 1024:.1f} KB > storage budget {profile.budgets.storage_kb:g} KB")
+    statistic = profile.protocol.statistic
+    return Measurement(
+        model=str(path),
+        sha256=sha256,
+        file_bytes=file_bytes,
+        device=profile.name,
+        mode=mode,
+        status=status,
+        latency_ms=latency.pick(statistic) if latency is not None else None,
+        statistic=statistic,
+        latency=latency,
+        raw=raw,
+        latency_scale=latency_scale,
+        calibration=calibration,
+        peak_memory_mb=peak,
+        memory_budget_mb=profile.budgets.model_memory_mb,
+        fits_memory=fits_memory,
+        storage_budget_kb=profile.budgets.storage_kb,
+        fits_storage=fits_storage,
+        ort_version=str(worker.get("ort_version", "unknown")),
+        provider=str(worker.get("provider", "CPUExecutionProvider")),
+        intra_op_threads=int(worker.get("intra_op_threads", profile.threads)),
+        inter_op_threads=int(worker.get("inter_op_threads", profile.session.inter_op_threads)),
+        cores_requested=profile.cpu.cores,
+        cores_used=int(worker.get("cores_used", profile.cpu.cores)),
+        warmup=profile.protocol.warmup,
+        repeats=profile.protocol.repeats,
+        machine=str(worker.get("machine", "unknown")),
+        notes=tuple(notes),
+    )

@@ -1,0 +1,478 @@
+"""Reference graphs for `edgecompress profile`, built with onnx.helper (no torch).
+
+Two kinds: single-layer graphs, one per latency-table row (a Conv with its fused Relu, a
+Gemm, an Add, a pool, ...), in fp32 and in int8 QDQ form with integer tensors at the
+graph boundary so that only the layer itself runs; and small reference CNNs in three
+families (residual, plain VGG-like, inverted-residual) at a few widths, in fp32 and int8
+QDQ, for the calibration ratio and for fitting and checking the predictor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecompress.measure.layers import LayerKey
+
+OPSET = 17
+IR_VERSION = 8  # read by onnxruntime builds back to 1.13, as found on older boards
+_ACT_SCALE = 0.05
+
+
+def _onnx() -> Any:
+    import onnx
+
+    return onnx
+
+
+class GraphBuilder:
+    """A small fp32 CNN graph under construction; tensors carry (C, H, W) shapes."""
+
+    def __init__(self, name: str, channels: int, size: int, seed: int = 0) -> None:
+        from onnx import TensorProto
+
+        self.name = name
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.shapes: dict[str, tuple[int, ...]] = {"input": (channels, size, size)}
+        self.inputs = ["input"]
+        self.input_type = TensorProto.FLOAT
+        self.rng = np.random.default_rng(seed)
+        self._count = itertools.count()
+
+    def _name(self, prefix: str) -> str:
+        return f"{prefix}_{next(self._count)}"
+
+    def _const(self, prefix: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = self._name(prefix)
+        self.initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    def _node(self, op: str, inputs: list[str], shape: tuple[int, ...], **attrs: Any) -> str:
+        from onnx import helper
+
+        out = self._name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        self.shapes[out] = shape
+        return out
+
+    def conv(
+        self, x: str, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: str = "relu"
+    ) -> str:
+        cin, h, w = self.shapes[x]
+        fan_in = cin // groups * kernel * kernel
+        weight = self.rng.standard_normal((cout, cin // groups, kernel, kernel)) / np.sqrt(fan_in)
+        bias = 0.01 * self.rng.standard_normal(cout)
+        pad = kernel // 2
+        out_shape = (cout, -(-h // stride), -(-w // stride))
+        y = self._node(
+            "Conv",
+            [x, self._const("w", weight.astype(np.float32)), self._const("b", bias.astype(np.float32))],
+            out_shape,
+            kernel_shape=[kernel, kernel],
+            strides=[stride, stride],
+            pads=[pad] * 4,
+            group=groups,
+        )
+        return self.activation(y, act)
+
+    def activation(self, x: str, act: str | None) -> str:
+        if act == "relu":
+            return self._node("Relu", [x], self.shapes[x])
+        if act == "relu6":
+            low = self._const("lo", np.array(0.0, np.float32))
+            high = self._const("hi", np.array(6.0, np.float32))
+            return self._node("Clip", [x, low, high], self.shapes[x])
+        return x
+
+    def add(self, a: str, b: str, act: str | None = "relu") -> str:
+        return self.activation(self._node("Add", [a, b], self.shapes[a]), act)
+
+    def maxpool(self, x: str, kernel: int = 2, stride: int = 2) -> str:
+        c, h, w = self.shapes[x]
+        shape = (c, h // stride, w // stride)
+        return self._node("MaxPool", [x], shape, kernel_shape=[kernel] * 2, strides=[stride] * 2)
+
+    def global_pool(self, x: str) -> str:
+        return self._node("GlobalAveragePool", [x], (self.shapes[x][0], 1, 1))
+
+    def flatten(self, x: str) -> str:
+        return self._node("Flatten", [x], (int(np.prod(self.shapes[x])),), axis=1)
+
+    def gemm(self, x: str, n: int) -> str:
+        (k,) = self.shapes[x]
+        weight = (self.rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+        bias = np.zeros(n, np.float32)
+        return self._node("Gemm", [x, self._const("w", weight), self._const("b", bias)], (n,), transB=1)
+
+    def subsample(self, x: str) -> str:
+        """x[:, :, ::2, ::2] as torch exports it (one Slice with steps)."""
+        c, h, w = self.shapes[x]
+        consts = [np.array(v, np.int64) for v in ([0, 0], [h, w], [2, 3], [2, 2])]
+        names = [self._const("s", v) for v in consts]
+        return self._node("Slice", [x, *names], (c, -(-h // 2), -(-w // 2)))
+
+    def pad_channels(self, x: str, cout: int) -> str:
+        c, h, w = self.shapes[x]
+        extra = cout - c
+        pads = np.array([0, extra // 2, 0, 0, 0, extra - extra // 2, 0, 0], np.int64)
+        return self._node("Pad", [x, self._const("p", pads)], (cout, h, w))
+
+    def shortcut(self, x: str, cout: int) -> str:
+        """Option-A shortcut of CIFAR ResNets: subsample, then zero-pad the channels."""
+        return self.pad_channels(self.subsample(x), cout)
+
+    def second_input(self) -> str:
+        """Another graph input shaped like "input" (an Add's other operand)."""
+        self.inputs.append("input_b")
+        self.shapes["input_b"] = self.shapes["input"]
+        return "input_b"
+
+    def model(self, output: str) -> Any:
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph(
+            self.nodes,
+            self.name,
+            [
+                helper.make_tensor_value_info(name, self.input_type, [1, *self.shapes[name]])
+                for name in self.inputs
+            ],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, [1, *self.shapes[output]])],
+            self.initializers,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = IR_VERSION
+        return model
+
+
+# ---------------------------------------------------------------- reference CNNs
+
+
+def resnet(widths: tuple[int, int, int], blocks: int, seed: int = 0) -> Any:
+    """A CIFAR ResNet (6*blocks+2 layers) with option-A shortcuts."""
+    g = GraphBuilder(f"resnet{6 * blocks + 2}_{'x'.join(map(str, widths))}", 3, 32, seed)
+    x = g.conv("input", widths[0])
+    for stage, width in enumerate(widths):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            y = g.conv(g.conv(x, width, stride=stride), width, act=None)
+            short = g.shortcut(x, width) if stride == 2 else x
+            x = g.add(y, short)
+    return g.model(g.gemm(g.flatten(g.global_pool(x)), 10))
+
+
+def vgg(widths: tuple[int, ...], convs: int = 2, seed: int = 0) -> Any:
+    """A VGG-like plain network: `convs` 3x3 convs then a 2x2 max-pool per stage."""
+    g = GraphBuilder(f"vgg_{'x'.join(map(str, widths))}", 3, 32, seed)
+    x = "input"
+    for width in widths:
+        for _ in range(convs):
+            x = g.conv(x, width)
+        x = g.maxpool(x)
+    return g.model(g.gemm(g.flatten(x), 10))
+
+
+def mobilenet(widths: tuple[int, ...], expansion: int = 6, seed: int = 0) -> Any:
+    """An inverted-residual network (MobileNetV2-like): one stride-2 block per stage."""
+    g = GraphBuilder(f"mobilenet_{'x'.join(map(str, widths))}", 3, 32, seed)
+    x = g.conv("input", widths[0], act="relu6")
+    for stage, width in enumerate(widths):
+        for block in range(2):
+            cin = g.shapes[x][0]
+            stride = 2 if stage > 0 and block == 0 else 1
+            hidden = cin * expansion
+            y = g.conv(x, hidden, kernel=1, act="relu6")
+            y = g.conv(y, hidden, stride=stride, groups=hidden, act="relu6")
+            y = g.conv(y, width, kernel=1, act=None)
+            x = g.add(y, x, act=None) if stride == 1 and cin == width else y
+    x = g.conv(x, 4 * widths[-1], kernel=1, act="relu6")
+    return g.model(g.gemm(g.flatten(g.global_pool(x)), 10))
+
+
+@dataclass(frozen=True)
+class ReferenceModel:
+    name: str
+    family: str
+    precision: str  # fp32 | uint8 | int8 (activations of int8 QDQ)
+    model: Any
+
+
+def reference_cnns(channel_multiple: int, quick: bool = False) -> list[tuple[str, str, Any]]:
+    """(name, family, fp32 model) for the reference suite, widths in channel multiples."""
+    m = max(8, channel_multiple)
+    out = [
+        ("resnet8-a", "resnet", resnet((m, 2 * m, 4 * m), 1)),
+        ("vgg-a", "vgg", vgg((m, 2 * m, 4 * m, 8 * m))),
+        ("mobilenet-a", "mobilenet", mobilenet((m, 2 * m, 4 * m), expansion=4)),
+    ]
+    if quick:
+        return out
+    out += [
+        ("resnet14-b", "resnet", resnet((2 * m, 4 * m, 8 * m), 2)),
+        ("resnet8-c", "resnet", resnet((3 * m, 5 * m, 10 * m), 1)),
+        ("vgg-b", "vgg", vgg((2 * m, 4 * m, 8 * m, 16 * m, 16 * m))),
+        ("vgg-c", "vgg", vgg((3 * m, 6 * m, 12 * m), convs=3)),
+        ("mobilenet-b", "mobilenet", mobilenet((m, 2 * m, 3 * m, 6 * m))),
+        ("mobilenet-c", "mobilenet", mobilenet((2 * m, 3 * m, 4 * m), expansion=3)),
+    ]
+    return out
+
+
+class _RandomReader:
+    """Calibration data for quantize_static: random images (timing ignores the values)."""
+
+    def __init__(self, shape: tuple[int, ...], count: int = 4, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self._batches = iter([{"input": rng.standard_normal(shape).astype(np.float32)} for _ in range(count)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def to_qdq(model: Any, activations: str) -> Any:
+    """int8 QDQ form of an fp32 model with onnxruntime's own quantization tool.
+
+    Per-channel int8 weights; activations uint8 or int8, the signedness a profile marks
+    fast. The values do not matter for timing, so calibration uses random inputs.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(_RandomReader, CalibrationDataReader):
+        pass
+
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "qdq.onnx"
+        _onnx().save(model, str(source))
+        quantize_static(
+            str(source),
+            str(target),
+            Reader(tuple(dims)),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+        )
+        return _onnx().load(str(target))
+
+
+# ---------------------------------------------------------------- single-layer graphs
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """A single-layer graph measured for one table row."""
+
+    key: LayerKey
+    model: Any
+
+
+def _single(key: LayerKey, seed: int = 0) -> Any:
+    """fp32 graph running exactly the op of `key` on an input of its shape."""
+    g = GraphBuilder(f"{key.op}_{key.cin}_{key.cout}_{key.size}", key.cin, key.size, seed)
+    op = key.op
+    if op == "Conv":
+        y = g.conv("input", key.cout, key.kernel, key.stride, key.groups, act="relu")
+    elif op == "Gemm":
+        g.shapes["input"] = (key.cin,)
+        y = g.gemm("input", key.cout)
+    elif op == "Flatten" and key.size == 1:
+        g.shapes["input"] = (key.cin, 1, 1)
+        y = g.flatten("input")
+    elif op == "Add":
+        y = g.add("input", g.second_input(), act=None)
+    elif op in ("Relu", "Clip"):
+        y = g.activation("input", "relu" if op == "Relu" else "relu6")
+    elif op == "MaxPool":
+        y = g.maxpool("input", key.kernel, key.stride)
+    elif op == "GlobalAveragePool":
+        y = g.global_pool("input")
+    elif op == "Flatten":
+        y = g.flatten("input")
+    elif op == "Slice":
+        y = g.subsample("input")
+    elif op == "Pad":
+        y = g.pad_channels("input", key.cout)
+    else:
+        raise ValueError(f"no single-layer graph for op {op}")
+    return g.model(y)
+
+
+def _quantize_single(model: Any, key: LayerKey) -> Any:
+    """The int8 QDQ form of a single-layer graph with integer input and output tensors.
+
+    Activations enter as uint8/int8 through a DequantizeLinear and leave through a
+    QuantizeLinear, exactly as between two int8 layers inside a model, so onnxruntime
+    fuses what it would fuse there and nothing else runs. (An Add's second operand is
+    its own integer input here, not a Conv.)
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    signed = key.aprec == "int8"
+    itype = TensorProto.INT8 if signed else TensorProto.UINT8
+    npt = np.int8 if signed else np.uint8
+    zero = np.array(0 if signed else 128, npt)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    new_inits, nodes = [], []
+    scale_name, zero_name = "act_scale", "act_zero"
+    new_inits += [
+        numpy_helper.from_array(np.array(_ACT_SCALE, np.float32), scale_name),
+        numpy_helper.from_array(zero, zero_name),
+    ]
+    main = [n for n in graph.node if n.op_type not in ("Relu", "Clip")] or list(graph.node)
+    op_node = main[-1]
+    inputs = ["input"] + (["input_b"] if key.op == "Add" else [])
+    fixed_inputs = []
+    for _i, name in enumerate(inputs):
+        nodes.append(helper.make_node("DequantizeLinear", [name, scale_name, zero_name], [f"{name}_f"]))
+        fixed_inputs.append(f"{name}_f")
+    op_inputs = list(fixed_inputs)
+    if key.op in ("Conv", "Gemm"):
+        weight = numpy_helper.to_array(inits[op_node.input[1]])
+        channels = weight.shape[0]
+        w_scale = np.maximum(np.abs(weight).reshape(channels, -1).max(1), 1e-6) / 127
+        shape = (channels,) + (1,) * (weight.ndim - 1)
+        wq = np.clip(np.round(weight / w_scale.reshape(shape)), -127, 127).astype(np.int8)
+        bias = numpy_helper.to_array(inits[op_node.input[2]])
+        b_scale = (w_scale * _ACT_SCALE).astype(np.float32)
+        bq = np.round(bias / b_scale).astype(np.int32)
+        new_inits += [
+            numpy_helper.from_array(wq, "wq"),
+            numpy_helper.from_array(w_scale.astype(np.float32), "wq_scale"),
+            numpy_helper.from_array(np.zeros(channels, np.int8), "wq_zero"),
+            numpy_helper.from_array(bq, "bq"),
+            numpy_helper.from_array(b_scale, "bq_scale"),
+            numpy_helper.from_array(np.zeros(channels, np.int32), "bq_zero"),
+        ]
+        nodes.append(helper.make_node("DequantizeLinear", ["wq", "wq_scale", "wq_zero"], ["w_f"], axis=0))
+        nodes.append(helper.make_node("DequantizeLinear", ["bq", "bq_scale", "bq_zero"], ["b_f"], axis=0))
+        op_inputs = [fixed_inputs[0], "w_f", "b_f"]
+    else:
+        op_inputs += [n for n in op_node.input[len(op_inputs) :]]
+        new_inits += [t for t in graph.initializer if t.name in op_node.input]
+    attrs = {a.name: helper.get_attribute_value(a) for a in op_node.attribute}
+    nodes.append(helper.make_node(op_node.op_type, op_inputs, ["y_f"], **attrs))
+    nodes.append(helper.make_node("QuantizeLinear", ["y_f", scale_name, zero_name], ["y"]))
+    in_dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    graph_inputs = [helper.make_tensor_value_info(n, itype, in_dims) for n in inputs]
+    out_dims = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    out = helper.make_graph(
+        nodes,
+        f"{graph.name}_q",
+        graph_inputs,
+        [helper.make_tensor_value_info("y", itype, out_dims)],
+        new_inits,
+    )
+    result = helper.make_model(out, opset_imports=[helper.make_opsetid("", OPSET)])
+    result.ir_version = IR_VERSION
+    return result
+
+
+def _qdq_boundary(key: LayerKey) -> Any:
+    """A lone QuantizeLinear (fp32 -> int) or DequantizeLinear (int -> fp32) at a boundary."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    signed = key.aprec == "int8"
+    itype = TensorProto.INT8 if signed else TensorProto.UINT8
+    zero = np.array(0 if signed else 128, np.int8 if signed else np.uint8)
+    dims = [1, key.cin, key.size, key.size] if key.size > 1 else [1, key.cin]
+    inits = [
+        numpy_helper.from_array(np.array(_ACT_SCALE, np.float32), "s"),
+        numpy_helper.from_array(zero, "z"),
+    ]
+    if key.op == "QuantizeLinear":
+        ins, outs = TensorProto.FLOAT, itype
+    else:
+        ins, outs = itype, TensorProto.FLOAT
+    node = helper.make_node(key.op, ["input", "s", "z"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        key.op,
+        [helper.make_tensor_value_info("input", ins, dims)],
+        [helper.make_tensor_value_info("y", outs, dims)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+def layer_model(key: LayerKey, seed: int = 0) -> Any:
+    """The single-layer graph for a table row, fp32 or int8 QDQ as the key says."""
+    if key.op in ("QuantizeLinear", "DequantizeLinear"):
+        return _qdq_boundary(key)
+    fp32 = _single(key, seed)
+    if key.aprec == "fp32":
+        return fp32
+    return _quantize_single(fp32, key)
+
+
+# ---------------------------------------------------------------- the suite
+
+
+def _channels(multiple: int, largest: int) -> list[int]:
+    values, c = [], max(8, multiple)
+    while c <= largest:
+        values.append(c)
+        c *= 2
+    return values
+
+
+def layer_keys(
+    channel_multiple: int, precisions: Sequence[tuple[str, str]], quick: bool = False
+) -> list[LayerKey]:
+    """The table's rows: a grid over channels and feature sizes for each layer kind.
+
+    Channels double from the SIMD channel multiple; dense convolutions stop where a
+    single layer would exceed ~134 M multiply-adds (beyond, the table extrapolates in
+    proportion). precisions: (weight, activation) pairs, e.g. ("fp32", "fp32"),
+    ("int8", "uint8").
+    """
+    sizes = (16, 8) if quick else (32, 16, 8, 4, 2)
+    largest_k3, largest_k1 = (64, 64) if quick else (512, 1024)
+    k3 = _channels(channel_multiple, largest_k3)
+    k1 = _channels(channel_multiple, largest_k1)
+    max_macs = 1 << 27
+    keys: list[LayerKey] = []
+    for wprec, aprec in precisions:
+        for size in sizes:
+            for kernel, stride, channels in ((3, 1, k3), (3, 2, k3), (1, 1, k1)):
+                if stride == 2 and size <= 2:
+                    continue
+                cins = ([3] if kernel == 3 else []) + channels
+                for cin, cout in itertools.product(cins, channels):
+                    key = LayerKey("Conv", wprec, aprec, cin, cout, size, kernel, stride, 1)
+                    if key.macs <= max_macs:
+                        keys.append(key)
+            for stride in (1, 2) if size > 2 else (1,):
+                for c in k1:
+                    keys.append(LayerKey("Conv", wprec, aprec, c, c, size, 3, stride, c))
+        gemm_in = k1[:2] if quick else k1 + [1280, 2048]
+        for cin, cout in itertools.product(gemm_in, (10,) if quick else (10, 100, 1000)):
+            keys.append(LayerKey("Gemm", wprec, aprec, cin, cout, 1))
+        shapes = [(k1[0], 16), (k1[1], 8)] if quick else _elementwise_shapes(channel_multiple)
+        ops = ["Add", "MaxPool", "GlobalAveragePool", "Slice", "Pad"]
+        ops += ["Relu", "Clip"] if aprec == "fp32" else ["QuantizeLinear", "DequantizeLinear"]
+        for op in ops:
+            for c, size in shapes:
+                cout = 2 * c if op == "Pad" else c
+                kernel = 2 if op == "MaxPool" else 1
+                keys.append(LayerKey(op, "none", aprec, c, cout, size, kernel, kernel, 1))
+        for c in k1[:2] if quick else k1 + [1280]:
+            keys.append(LayerKey("Flatten", "none", aprec, c, c, 1))
+    return keys
+
+
+def _elementwise_shapes(multiple: int) -> list[tuple[int, int]]:
+    m = max(8, multiple)
+    return [(m, 32), (4 * m, 32), (2 * m, 16), (8 * m, 16), (4 * m, 8), (16 * m, 8), (32 * m, 4), (64 * m, 2)]

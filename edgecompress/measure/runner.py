@@ -1,0 +1,419 @@
+"""The isolated measuring process: pinned cores, thread settings, memory cap, peak RSS.
+
+Every measurement runs in a fresh worker process that loads the model from its path, so
+no allocator state, thread pool or cache of an earlier model leaks into the figure. The
+parent side (`run_job`) starts the worker, feeds it a JSON job on stdin, enforces the
+timeout and reads one JSON result line from stdout. Runs on the board too (the agent
+uses it), so this file imports only the standard library, numpy and onnxruntime.
+
+Job (a dict): models [{"id", "path"}], cores, intra_op_threads, inter_op_threads,
+graph_optimization, execution_mode, warmup, repeats, address_space_mb (extra address
+space over the worker's own after importing onnxruntime; a safety net only, since
+onnxruntime and numpy reserve far more than they touch), seed, node_times (also time
+every node with onnxruntime's profiler; for the per-layer latency table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+JOB_KEYS = {
+    "models": list,
+    "cores": int,
+    "intra_op_threads": int,
+    "inter_op_threads": int,
+    "graph_optimization": str,
+    "execution_mode": str,
+    "warmup": int,
+    "repeats": int,
+    "address_space_mb": (int, float, type(None)),
+    "seed": int,
+    "node_times": bool,
+}
+GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+EXECUTION_MODES = ("sequential", "parallel")
+# Limits that keep a hostile or mistaken job from pinning a board for hours.
+MAX_REPEATS = 100_000
+MAX_MODELS = 5_000
+_MEMORY_FAILURE = re.compile(
+    r"bad_alloc|failed to allocate|out of memory|cannot allocate|memoryerror|"
+    r"allocation failed|not enough memory",
+    re.IGNORECASE,
+)
+
+
+class JobError(ValueError):
+    """A job that does not validate; the message says which field."""
+
+
+class WorkerFailed(RuntimeError):
+    """The worker died or timed out without a result."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+def validate_job(job: Any) -> dict[str, Any]:
+    """Check a job's keys, types and ranges (it may come from the network)."""
+    if not isinstance(job, dict):
+        raise JobError("the job must be a JSON object")
+    unknown = set(job) - set(JOB_KEYS)
+    if unknown:
+        raise JobError(f"unknown job keys: {', '.join(sorted(unknown))}")
+    for key, kind in JOB_KEYS.items():
+        if key not in job:
+            raise JobError(f"job key {key!r} is missing")
+        value = job[key]
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise JobError(f"job key {key!r} has the wrong type ({type(value).__name__})")
+    for key in ("cores", "intra_op_threads", "inter_op_threads", "repeats"):
+        if not 1 <= job[key] <= MAX_REPEATS:
+            raise JobError(f"job key {key!r} must be between 1 and {MAX_REPEATS}")
+    if not 0 <= job["warmup"] <= MAX_REPEATS:
+        raise JobError(f"job key 'warmup' must be between 0 and {MAX_REPEATS}")
+    if job["graph_optimization"] not in GRAPH_LEVELS:
+        raise JobError(f"graph_optimization must be one of {', '.join(GRAPH_LEVELS)}")
+    if job["execution_mode"] not in EXECUTION_MODES:
+        raise JobError(f"execution_mode must be one of {', '.join(EXECUTION_MODES)}")
+    if job["address_space_mb"] is not None and job["address_space_mb"] <= 0:
+        raise JobError("address_space_mb must be positive or null")
+    models = job["models"]
+    if not 1 <= len(models) <= MAX_MODELS:
+        raise JobError(f"a job holds 1 to {MAX_MODELS} models")
+    for entry in models:
+        if not isinstance(entry, dict) or set(entry) != {"id", "path"}:
+            raise JobError("each model is an object with exactly 'id' and 'path'")
+        if not all(isinstance(entry[k], str) for k in ("id", "path")):
+            raise JobError("model 'id' and 'path' must be strings")
+    return job
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def run_job(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run one job in a fresh worker process and return its result dict.
+
+    Raises WorkerFailed when the worker times out or dies without a result, except a
+    kill by the kernel's OOM killer, which is a result: the model exceeds the memory.
+    """
+    validate_job(job)
+    # The file is run directly, not with -m, so the worker needs neither an installed
+    # package nor anything beyond numpy and onnxruntime (a board has only those).
+    cmd = [sys.executable, "-s", str(Path(__file__).resolve())]
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(json.dumps(job), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
+        raise WorkerFailed(
+            f"the measurement did not finish within {timeout_s:g} s and was stopped",
+            timed_out=True,
+        ) from None
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    result = _last_json_line(out)
+    if result is not None:
+        return result
+    code = proc.returncode
+    tail = (err or "").strip().splitlines()[-3:]
+    if code == -signal.SIGKILL or (code is not None and code < 0 and _MEMORY_FAILURE.search(err)):
+        # Killed by the OOM killer, or aborted on a failed allocation: the model does
+        # not fit, which is a result and not a crash.
+        return {
+            "ok": True,
+            "results": [
+                {
+                    "id": m["id"],
+                    "status": "exceeds-memory",
+                    "message": f"the worker was killed by signal {-code} while running it",
+                }
+                for m in job["models"]
+            ],
+        }
+    raise WorkerFailed(f"the measuring worker exited with code {code} and no result: {' | '.join(tail)}")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _last_json_line(text: str) -> dict[str, Any] | None:
+    for line in reversed((text or "").splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so peak covers only the model."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_kb() -> int:
+    peak = _proc_status_kb("VmHWM")
+    if peak is not None:
+        return peak
+    import resource
+
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value // 1024 if sys.platform == "darwin" else value
+
+
+def _current_rss_kb() -> int:
+    return _proc_status_kb("VmRSS") or _peak_rss_kb()
+
+
+def _pin_cores(requested: int) -> tuple[int, int, str | None]:
+    """Pin this process to `requested` cores (at most what it may use); say when fewer."""
+    if not hasattr(os, "sched_setaffinity"):
+        return requested, os.cpu_count() or 1, "core pinning is not available on this OS"
+    allowed = sorted(os.sched_getaffinity(0))
+    use = allowed[:requested]
+    os.sched_setaffinity(0, use)
+    note = None
+    if len(use) < requested:
+        note = f"ran on {len(use)} core(s): the profile asks for {requested}, this machine has {len(allowed)}"
+    return len(use), len(allowed), note
+
+
+def _cap_address_space(extra_mb: float | None) -> float | None:
+    if extra_mb is None:
+        return None
+    try:
+        import resource
+    except ImportError:
+        return None
+    size_kb = _proc_status_kb("VmSize")
+    if size_kb is None:
+        return None
+    limit = int(size_kb * 1024 + extra_mb * 1024 * 1024)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return limit / 2**20
+
+
+_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
+
+
+def _inputs(session: Any, rng: Any) -> dict[str, Any]:
+    """Random inputs of the model's own types; symbolic dimensions (batch) become 1."""
+    import numpy as np
+
+    feeds = {}
+    for arg in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
+        dtype = _DTYPES.get(arg.type)
+        if dtype is None:
+            raise ValueError(f"input {arg.name!r} has type {arg.type}, which is not supported")
+        if dtype.startswith("float"):
+            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == "bool":
+            feeds[arg.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            info = np.iinfo(dtype)
+            low, high = max(int(info.min), -128), min(int(info.max), 255)
+            feeds[arg.name] = rng.integers(low, high + 1, shape).astype(dtype)
+    return feeds
+
+
+def _session_options(ort: Any, job: dict[str, Any], threads: int) -> Any:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = job["inter_op_threads"]
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[job["graph_optimization"]]
+    options.execution_mode = {
+        "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
+        "parallel": ort.ExecutionMode.ORT_PARALLEL,
+    }[job["execution_mode"]]
+    options.log_severity_level = 3
+    return options
+
+
+def _node_times(profile_path: str, skip: int) -> list[list]:
+    """Per-node kernel time (us) from onnxruntime's profile: the mean of the middle half
+    of the timed runs (the profiler's 1 us resolution averages out; outliers do not)."""
+    import numpy as np
+
+    with open(profile_path) as f:
+        events = json.load(f)
+    durations: dict[str, list[float]] = {}
+    ops: dict[str, str] = {}
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") == "Node" and name.endswith("_kernel_time"):
+            node = name[: -len("_kernel_time")]
+            durations.setdefault(node, []).append(float(event.get("dur", 0)))
+            ops[node] = str(event.get("args", {}).get("op_name", ""))
+    times = []
+    for node, values in durations.items():
+        timed = np.sort(np.asarray(values[skip:] or values))
+        middle = timed[len(timed) // 4 : len(timed) - len(timed) // 4] if len(timed) >= 4 else timed
+        times.append([node, ops[node], float(middle.mean())])
+    return times
+
+
+def _measure_one(ort: Any, entry: dict[str, str], job: dict[str, Any], threads: int) -> dict:
+    import tempfile
+
+    import numpy as np
+
+    result: dict[str, Any] = {"id": entry["id"]}
+    rng = np.random.default_rng(job["seed"])
+    options = _session_options(ort, job, threads)
+    profile_dir = None
+    if job["node_times"]:
+        profile_dir = tempfile.mkdtemp(prefix="edgecompress-profile-")
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(profile_dir, "run")
+    try:
+        start = time.perf_counter_ns()
+        session = ort.InferenceSession(entry["path"], options, providers=["CPUExecutionProvider"])
+        result["session_ms"] = (time.perf_counter_ns() - start) / 1e6
+        feeds = _inputs(session, rng)
+        for _ in range(job["warmup"]):
+            session.run(None, feeds)
+        samples = []
+        for _ in range(job["repeats"]):
+            start = time.perf_counter_ns()
+            session.run(None, feeds)
+            samples.append(time.perf_counter_ns() - start)
+        result.update(status="ok", samples_ns=samples)
+        result["providers"] = session.get_providers()
+        if profile_dir is not None:
+            result["nodes"] = _node_times(session.end_profiling(), job["warmup"])
+        del session, feeds
+    except MemoryError:
+        result.update(status="exceeds-memory", message="allocation failed (MemoryError)")
+    except Exception as err:  # onnxruntime raises its own types; classify by message
+        text = f"{type(err).__name__}: {err}".strip()
+        if _MEMORY_FAILURE.search(text):
+            result.update(status="exceeds-memory", message=text[:500])
+        elif "NO_SUCHFILE" in text or "INVALID_PROTOBUF" in text or "INVALID_GRAPH" in text:
+            result.update(status="invalid-model", message=text[:500])
+        elif "Load model" in text or "ModelProto" in text or "Invalid model" in text:
+            result.update(status="invalid-model", message=text[:500])
+        else:
+            result.update(status="error", message=text[:500])
+    finally:
+        if profile_dir is not None:
+            import shutil
+
+            shutil.rmtree(profile_dir, ignore_errors=True)
+    return result
+
+
+def worker_main(job: dict[str, Any]) -> dict[str, Any]:
+    """Inside the fresh worker: pin, import onnxruntime, take the baseline, cap, measure."""
+    cores_used, cores_available, core_note = _pin_cores(job["cores"])
+    import numpy  # noqa: F401  (part of the baseline, like onnxruntime)
+    import onnxruntime as ort
+
+    threads = min(job["intra_op_threads"], cores_used)
+    notes = [core_note] if core_note else []
+    if threads < job["intra_op_threads"]:
+        notes.append(f"used {threads} intra-op thread(s) instead of {job['intra_op_threads']}")
+    reset = _reset_peak_rss()
+    baseline_kb = _current_rss_kb() if reset else _peak_rss_kb()
+    cap_mb = _cap_address_space(job["address_space_mb"])
+    results = []
+    for entry in job["models"]:
+        if len(job["models"]) > 1:
+            _reset_peak_rss()
+        before = _current_rss_kb() if len(job["models"]) > 1 and reset else baseline_kb
+        one = _measure_one(ort, entry, job, threads)
+        one["peak_rss_mb"] = max(0, _peak_rss_kb() - before) / 1024
+        results.append(one)
+    return {
+        "ok": True,
+        "ort_version": ort.__version__,
+        "provider": "CPUExecutionProvider",
+        "machine": os.uname().machine if hasattr(os, "uname") else sys.platform,
+        "cores_used": cores_used,
+        "cores_available": cores_available,
+        "intra_op_threads": threads,
+        "inter_op_threads": job["inter_op_threads"],
+        "baseline_rss_mb": baseline_kb / 1024,
+        "address_space_cap_mb": cap_mb,
+        "peak_reset": reset,
+        "notes": notes,
+        "results": results,
+    }
+
+
+def _main() -> None:
+    # Running this file puts its folder first on sys.path; drop it so that sibling
+    # modules never shadow what numpy or onnxruntime import.
+    here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != Path(here)]
+    try:
+        job = validate_job(json.loads(sys.stdin.read()))
+    except (ValueError, JobError) as err:
+        print(json.dumps({"ok": False, "error": f"bad job: {err}"}))
+        return
+    print(json.dumps(worker_main(job)))
+
+
+if __name__ == "__main__":
+    _main()
