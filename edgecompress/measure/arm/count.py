@@ -134,9 +134,11 @@ class ArmCount:
         )
 
 
-def cache_file(sha256: str, core: str, ort_version: str, optimization: str, repeats: int) -> Path:
-    """Where a count is kept: keyed by graph, core, onnxruntime version and settings."""
-    name = f"{sha256[:24]}-{core}-ort{ort_version}-{optimization}-r{repeats}.json"
+def cache_file(sha256: str, core: str, runtime: Runtime, optimization: str, repeats: int) -> Path:
+    """Where a count is kept: keyed by graph, core, onnxruntime version, settings, and the
+    plugin build (a changed classifier must not serve old counts)."""
+    plugin = runtime.plugin.stem.removeprefix("counter-")
+    name = f"{sha256[:24]}-{core}-ort{runtime.onnxruntime}-{optimization}-r{repeats}-{plugin}.json"
     return arm_home() / "counts" / name
 
 
@@ -169,7 +171,7 @@ def count_instructions(
         )
     sha256 = file_sha256(path)
     runtime = runtime or setup(progress=progress)
-    cached_path = cache_file(sha256, spec.name, runtime.onnxruntime, optimization, repeats)
+    cached_path = cache_file(sha256, spec.name, runtime, optimization, repeats)
     if use_cache:
         hit = _read_cached(cached_path, need_nodes=trace_nodes)
         if hit is not None:

@@ -194,6 +194,14 @@ static int classify(uint32_t w)
     return C_OTHER; /* data processing: immediate and register */
 }
 
+#ifdef EDGECOMPRESS_TEST
+/* Lets the unit tests call the classifier directly (ctypes on a test build). */
+QEMU_PLUGIN_EXPORT int edgecompress_classify(uint32_t word)
+{
+    return classify(word);
+}
+#endif
+
 static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 {
     uint64_t per_class[N_CLASSES] = {0};
