@@ -21,6 +21,9 @@ _API = {
     "evaluate": "edgecompress.evaluate:evaluate",
     "export_onnx": "edgecompress.export:export_onnx",
     "run_demo": "edgecompress.demo:run_demo",
+    "arm_setup": "edgecompress.measure.arm:arm_setup",
+    "count_arm_instructions": "edgecompress.measure.arm:count_instructions",
+    "fit_arm_cycle_weights": "edgecompress.measure.arm:fit_cycle_weights",
 }
 
 __all__ = sorted(_API)

@@ -217,3 +217,23 @@ def demo(out, force) -> None:
         f"exported {result.onnx_path} ({result.onnx_size_bytes / 1024:.1f} KiB); "
         f"onnxruntime top-1 {result.onnx_top1:.2f}%, agreement {100 * result.parity_agreement:.1f}%"
     )
+
+
+@cli.command("arm-setup")
+@click.option("--force", is_flag=True, help="Rebuild the sysroot, guest packages and plugin.")
+def arm_setup_command(force) -> None:
+    """Set up emulated-arm: qemu-user, an aarch64 onnxruntime sysroot, the counting plugin.
+
+    Installs Debian's qemu-user if missing and adds arm64 to apt's architectures (it says
+    so); everything else goes under $EDGECOMPRESS_HOME/arm. A second run only checks.
+    """
+    from edgecompress import arm_setup
+
+    progress, report = _progress()
+    with progress:
+        runtime = arm_setup(force=force, progress=report)
+    click.echo(
+        f"emulated-arm ready in {runtime.home}: qemu-aarch64 {runtime.qemu_version}, aarch64 "
+        f"onnxruntime {runtime.onnxruntime} and numpy {runtime.numpy} "
+        f"({runtime.disk_bytes / 1e6:.0f} MB on disk)"
+    )
