@@ -98,9 +98,6 @@ class Measurement:
     cached: bool = field(default=False, compare=False)
     # Mode-specific detail (emulated-arm: instruction counts and the cycle model).
     arm: dict[str, Any] | None = field(default=None, compare=False)
-    # emulated-arm only: instructions per inference (total, by class, per node), parity
-    # with the host's outputs, the cycle model and its estimate (measure/arm).
-    arm: dict[str, Any] | None = field(default=None, hash=False)
 
     @property
     def fits(self) -> bool:
