@@ -286,6 +286,19 @@ def profile_device(
     with tempfile.TemporaryDirectory(prefix="edgecompress-profile-") as tmp:
         rows, info = time_rows(timer, keys, Path(tmp), progress)
         timings = time_references(timer, references, Path(tmp), progress, on_host_too=remote is not None)
+        arm_block = None
+        if remote is not None:
+            # emulated-arm's per-class cycle weights, fitted to the same board timings
+            # (None unless its setup exists here and the profile's core is emulatable).
+            from edgecompress.measure.arm import calibrate_from_board
+
+            progress("fitting emulated-arm cycle weights", None)
+            arm_block = calibrate_from_board(
+                profile,
+                [Path(tmp) / f"{t.name}.onnx" for t in timings],
+                [t.ms for t in timings],
+                source_note=f"(reference CNNs timed through the agent at {remote})",
+            )
     if not rows:
         raise MeasureError("no single-layer graph could be timed; see the log for why")
     calibration = profile.calibration
@@ -300,6 +313,8 @@ def profile_device(
             f"{remote} ({info.get('machine', '?')}, onnxruntime {info.get('ort_version', '?')}): "
             f"median device/host p50 over {how}",
         )
+        if arm_block is not None:
+            calibration = dataclasses.replace(calibration, arm=arm_block)
     table = LatencyTable(
         device=profile.name,
         mode=mode,

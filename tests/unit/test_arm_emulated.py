@@ -211,3 +211,22 @@ def test_arm_setup_command_reports_a_ready_runtime() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "emulated-arm ready" in done.stdout and "onnxruntime" in done.stdout
+
+
+@needs_setup
+def test_board_timings_calibrate_the_cycle_weights(fp32_model: Path, int8_model: Path) -> None:
+    from edgecompress.measure.arm import calibrate_from_board, count_instructions, cycle_model_for
+    from edgecompress.measure.arm.cycle_model import model_for
+
+    profile = load_profile("embedded-arm")
+    # A "board" whose A53 runs FMLAs at 1.5 cycles and widening multiplies at 3.
+    board = model_for("cortex-a53", 1.2, 2.0, {"cycles": {"fp_mla": 1.5, "int_mac": 3.0}})
+    paths = [fp32_model, int8_model]
+    counts = [count_instructions(p, "cortex-a53") for p in paths]
+    timings = [board.estimate(c.by_class, c.bytes_touched).ms for c in counts]
+    block = calibrate_from_board(profile, paths, timings, source_note="(synthetic board)")
+    assert block["source"] == "measured" and "(synthetic board)" in block["note"]
+    fitted = model_for("cortex-a53", 1.2, 2.0, block)
+    for count, ms in zip(counts, timings, strict=True):
+        assert fitted.estimate(count.by_class, count.bytes_touched).ms == pytest.approx(ms, rel=0.02)
+    assert cycle_model_for(profile).source == "declared"  # the built-in profile is untouched

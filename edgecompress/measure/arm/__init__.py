@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from edgecompress.errors import MeasureError, UsageError
+from edgecompress.measure.arm.cores import CORES
 from edgecompress.measure.arm.count import ArmCount, count_instructions
 from edgecompress.measure.arm.cycle_model import (
     CycleModel,
@@ -39,6 +41,7 @@ __all__ = [
     "Runtime",
     "Sample",
     "arm_setup",
+    "calibrate_from_board",
     "count_instructions",
     "cycle_model_for",
     "fit_cycle_weights",
@@ -205,6 +208,33 @@ def measure_emulated_arm(
         notes=tuple(notes),
         arm=arm,
     )
+
+
+def calibrate_from_board(
+    profile: DeviceProfile | str,
+    paths: Sequence[str | Path],
+    measured_ms: Sequence[float],
+    *,
+    source_note: str = "",
+) -> dict[str, Any] | None:
+    """The profile's `calibration.arm`, fitted to board timings of reference graphs.
+
+    For `edgecompress profile --remote`: the graphs it timed on the board are counted on
+    the profile's core and the per-class weights fitted to those timings. None (and a
+    log line) when the profile is not an emulatable aarch64 core or emulated-arm is not
+    set up here; calibrating never starts the setup.
+    """
+    profile = load_profile(profile)
+    if profile.cpu.arch != "aarch64" or profile.cpu.core not in CORES:
+        return None
+    if status() is None:
+        log.info("emulated-arm is not set up: calibration.arm keeps its declared weights")
+        return None
+    samples = count_reference_suite(paths, profile, measured_ms)
+    fit = fit_cycle_weights(samples, cycle_model_for(profile))
+    block = fit.model.calibration_block()
+    block["note"] = " ".join(filter(None, [fit.model.note, source_note]))
+    return block
 
 
 def count_reference_suite(
