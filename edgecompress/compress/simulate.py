@@ -1,0 +1,250 @@
+"""The compressed model in torch: its own plain ONNX graph run with simulated weights and Q/DQ.
+
+`SimulatedModel` executes the BatchNorm-folded plain export of the pruned model
+node by node (compress/onnx_ops.py). Each Conv/Gemm layer's weights live in a
+`LayerWeights` module that applies the plan (kernel mask, shared codebook, integer
+grid); activation tensors chosen by `quantization.quant_points` pass through
+`ActQuant`. Because torch and the exported file run the very same graph, they agree;
+and because it is an nn.Module it fine-tunes (QAT, codebook training) like any model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from edgecompress.compress.onnx_ops import attributes, fold_constants, run_node
+from edgecompress.compress.plan import LayerPlan
+from edgecompress.compress.quantization import (
+    LAYER_OPS,
+    ActQuant,
+    codebook_scale,
+    fake_quant_bias,
+    fake_quant_codebook,
+    fake_quant_weight,
+    quant_points,
+    weight_scale,
+)
+from edgecompress.compress.sharing import share
+from edgecompress.compress.sparse import kernel_mask
+from edgecompress.errors import ExportError, PlanError
+
+
+class LayerWeights(nn.Module):
+    """One layer's weight and bias as the plan stores them (mask, codebook, integer grid)."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, plan: LayerPlan, seed: int):
+        super().__init__()
+        self.plan = plan
+        self.bits = plan.weight_bits
+        self.int8 = plan.activations == "int8"
+        mask = kernel_mask(weight, plan.kernel_sparsity)
+        self.register_buffer("mask", None if mask is None else torch.from_numpy(mask))
+        self.zero_slot = False
+        if plan.clusters:
+            masked = weight if mask is None else weight * mask
+            codebook, index = share(masked, plan.clusters, mask, seed)
+            self.zero_slot = mask is not None
+            trained = codebook[:-1] if self.zero_slot else codebook
+            self.codebook = nn.Parameter(torch.from_numpy(trained.copy()))
+            self.register_buffer("index", torch.from_numpy(index))
+            self.weight = None
+        else:
+            self.weight = nn.Parameter(torch.from_numpy(weight.copy()))
+        self.bias = None if bias is None else nn.Parameter(torch.from_numpy(bias.copy()))
+
+    def full_codebook(self) -> torch.Tensor:
+        """Codebook entries as used (zero slot appended, on the integer grid if bits < 32)."""
+        cb = self.codebook
+        if self.zero_slot:
+            cb = torch.cat([cb, cb.new_zeros(1)])
+        return fake_quant_codebook(cb, self.bits) if self.bits < 32 else cb
+
+    def float_weight(self) -> torch.Tensor:
+        """The weight before the integer grid: masked, or gathered from the codebook."""
+        if self.weight is None:
+            return self.full_codebook()[self.index]
+        return self.weight if self.mask is None else self.weight * self.mask
+
+    def _compute(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = self.float_weight()
+        if self.weight is not None and self.bits < 32:
+            w = fake_quant_weight(w, self.bits)
+        scale = self._scale() if self.int8 else None
+        return w, scale
+
+    def _cached(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weights and scale; reused in evaluation until a parameter changes (the search
+        evaluates each candidate on many batches, and the 4/2-bit scale search costs)."""
+        if self.training and torch.is_grad_enabled():
+            return self._compute()
+        key = tuple((p._version, p.data_ptr()) for p in self.parameters())
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, *self._compute())
+            self._cache = cache
+        return cache[1], cache[2]
+
+    def effective_weight(self) -> torch.Tensor:
+        return self._cached()[0]
+
+    def _scale(self) -> torch.Tensor:
+        """Per-output-channel weight scale (shape (O,)) of the stored integers."""
+        if self.weight is None:
+            cb = torch.cat([self.codebook, self.codebook.new_zeros(1)]) if self.zero_slot else self.codebook
+            s = codebook_scale(cb, self.bits)
+            return s.expand(self.index.shape[0]).to(self.index.device)
+        return weight_scale(self.float_weight(), self.bits)
+
+    def scale(self) -> torch.Tensor:
+        scale = self._cached()[1]
+        return scale if scale is not None else self._scale()
+
+    def effective_bias(self, input_scale: torch.Tensor | None) -> torch.Tensor | None:
+        if self.bias is None or not self.int8 or input_scale is None:
+            return self.bias
+        return fake_quant_bias(self.bias, input_scale * self.scale().detach())
+
+
+def _weight_inputs(node: onnx.NodeProto) -> tuple[str, str | None]:
+    return node.input[1], (node.input[2] if len(node.input) > 2 and node.input[2] else None)
+
+
+def name_layers(model: onnx.ModelProto, layer_names: list[str]) -> None:
+    """Name the Conv/Gemm nodes after the torch layers they come from (same call order)."""
+    nodes = [n for n in model.graph.node if n.op_type in LAYER_OPS]
+    if len(nodes) != len(layer_names):
+        raise ExportError(
+            f"the export has {len(nodes)} Conv/Gemm nodes but the model {len(layer_names)} "
+            "Conv2d/Linear calls; compressed export needs each layer called once"
+        )
+    for k, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{k}"
+    for node, name in zip(nodes, layer_names, strict=True):
+        node.name = name
+
+
+class SimulatedModel(nn.Module):
+    """Runs a plain ONNX graph in torch with each layer's weights and activations as planned."""
+
+    def __init__(
+        self,
+        base: onnx.ModelProto,
+        plans: dict[str, LayerPlan],
+        activation_dtype: str = "uint8",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.base = fold_constants(copy.deepcopy(base))
+        self.activation_dtype = activation_dtype
+        graph = self.base.graph
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.input_name = graph.input[0].name
+        self.output_name = graph.output[0].name
+        self.layer_names: list[str] = []
+        layers: dict[str, LayerWeights] = {}
+        weight_tensors: set[str] = set()
+        for node in graph.node:
+            if node.op_type not in LAYER_OPS:
+                continue
+            w_name, b_name = _weight_inputs(node)
+            if w_name not in inits or (b_name is not None and b_name not in inits):
+                raise ExportError(f"layer {node.name} has weights computed in the graph")
+            if node.op_type == "Gemm" and not attributes(node).get("transB", 0):
+                raise ExportError(f"layer {node.name}: Gemm without transB is not supported")
+            plan = plans.get(node.name, LayerPlan())
+            bias = inits[b_name].astype(np.float32) if b_name else None
+            layers[f"L{len(layers)}"] = LayerWeights(inits[w_name].astype(np.float32), bias, plan, seed)
+            self.layer_names.append(node.name)
+            weight_tensors.update({w_name, b_name} - {None})
+        self.layers = nn.ModuleDict(layers)
+        self.const_names = [n for n in inits if n not in weight_tensors]
+        for k, name in enumerate(self.const_names):
+            self.register_buffer(f"c{k}", torch.from_numpy(np.array(inits[name])), persistent=False)
+        constants = {n: torch.from_numpy(np.array(inits[n])) for n in self.const_names}
+        int8_layers = {n for n, p in plans.items() if p.activations == "int8"}
+        self.points = quant_points(graph, int8_layers, constants)
+        own = [t for t in self.points.tensors if t not in self.points.tied]
+        self.act_names = own
+        self.acts = nn.ModuleDict({f"A{k}": ActQuant() for k in range(len(own))})
+        self._act_index = {t: f"A{k}" for k, t in enumerate(own)}
+        self._layer_index = {n: f"L{k}" for k, n in enumerate(self.layer_names)}
+        self._nodes = [(n, attributes(n)) for n in graph.node]
+
+    # -- lookups ---------------------------------------------------------------------
+
+    def layer(self, name: str) -> LayerWeights:
+        return self.layers[self._layer_index[name]]
+
+    def act_quant(self, tensor: str) -> ActQuant | None:
+        source = self.points.tied.get(tensor, tensor)
+        key = self._act_index.get(source)
+        return self.acts[key] if key is not None else None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return len(self.acts) > 0 and not all(bool(a.seen) for a in self.acts.values())
+
+    # -- running ---------------------------------------------------------------------
+
+    def _const(self, name: str) -> torch.Tensor:
+        return getattr(self, f"c{self.const_names.index(name)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        consts = {n: getattr(self, f"c{k}") for k, n in enumerate(self.const_names)}
+        values: dict[str, torch.Tensor] = {self.input_name: self._quant(self.input_name, x)}
+        for node, attrs in self._nodes:
+            inputs = [values[n] if n in values else consts.get(n) if n else None for n in node.input]
+            key = self._layer_index.get(node.name)
+            if key is not None:
+                lw = self.layers[key]
+                inputs[1] = lw.effective_weight()
+                aq = self.act_quant(node.input[0])
+                if lw.bias is not None:
+                    inputs[2] = lw.effective_bias(
+                        aq.params()[0] if aq is not None and not aq.observing else None
+                    )
+            outputs = run_node(node, inputs, attrs)
+            for name, value in zip(node.output, outputs, strict=False):
+                values[name] = self._quant(name, value)
+        return values[self.output_name]
+
+    def _quant(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        if name in self.points.tied:
+            aq = self.act_quant(name)
+            return value if aq is None or aq.observing else aq(value)
+        key = self._act_index.get(name)
+        return self.acts[key](value) if key is not None else value
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+        """Record each quantized tensor's float range over the batches (min/max)."""
+        was_training = self.training
+        self.eval()
+        for aq in self.acts.values():
+            aq.seen.fill_(False)
+            aq.observing = True
+        seen = False
+        try:
+            for batch in batches:
+                self(batch)
+                seen = True
+        finally:
+            for aq in self.acts.values():
+                aq.observing = False
+            self.train(was_training)
+        if not seen and len(self.acts):
+            raise PlanError("int8 activations need calibration images; none were given")
+
+
+def layer_plans(plans: dict[str, LayerPlan]) -> dict[str, LayerPlan]:
+    """Only the layers that change (the rest run as float)."""
+    return {k: v for k, v in plans.items() if not v.is_identity}
