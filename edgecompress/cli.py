@@ -167,10 +167,47 @@ def evaluate(model, weights, data_spec, split, classes, input_spec, as_json) -> 
 @click.option("--input-spec", "input_spec", help=INPUT_SPEC_HELP)
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def export(model, weights, out, opset, parity_data, input_spec, force, as_json) -> None:
-    """Export MODEL to a checked ONNX file (dynamic batch, input spec in its metadata)."""
+@click.option("--plan", "plan", type=click.Path(dir_okay=False), help="Compression plan (JSON) to apply.")
+@click.option("--keep-ratio", type=float, help="Uniform plan: fraction of channels kept per group.")
+@click.option("--weight-bits", type=click.Choice(["32", "8", "4", "2"]), help="Uniform plan: weight bits.")
+@click.option("--activations", type=click.Choice(["int8", "float"]), help="Uniform plan: activations.")
+@click.option("--clusters", type=int, help="Uniform plan: shared weights per layer (k-means).")
+@click.option("--channel-multiple", default=1, show_default=True, help="Round kept channels to this.")
+@click.option("--data", help="Dataset spec: calibration, fine-tuning and parity (e.g. cifar10:DIR).")
+@click.option("--finetune-epochs", default=0, show_default=True, help="Fine-tune epochs per stage.")
+def export(model, weights, out, opset, parity_data, input_spec, force, as_json, **plan_flags) -> None:
+    """Export MODEL to a checked ONNX file (dynamic batch, input spec in its metadata).
+
+    With --plan or any uniform-plan flag, the model is compressed first (pruned,
+    quantized, weight-shared as planned) and checked against its torch simulation.
+    """
     from edgecompress.api import export_model
 
+    uniform = ("plan", "keep_ratio", "weight_bits", "activations", "clusters")
+    if any(plan_flags[k] is not None for k in uniform):
+        from edgecompress.compress.api import export_compressed
+
+        bits = plan_flags.pop("weight_bits")
+        progress, report = _progress()
+        with progress:
+            compressed = export_compressed(
+                model, out, weights=weights, weight_bits=int(bits) if bits else None,
+                input_spec=_input_spec(input_spec), force=force, progress=report, **plan_flags,
+            )  # fmt: skip
+        summary = compressed.as_dict()
+        if as_json:
+            _echo_json(summary)
+            return
+        click.echo(
+            f"wrote {compressed.path} ({compressed.size_bytes / 1024:.1f} KiB, {summary['size_ratio']}x "
+            f"smaller than the fp32 export, opset {compressed.opset})"
+        )
+        if compressed.parity is not None:
+            click.echo(
+                f"parity with the torch simulation on {compressed.parity.n} images: top-1 agreement "
+                f"{100 * compressed.parity.top1_agreement:.2f}%"
+            )
+        return
     progress, report = _progress()
     with progress:
         result = export_model(

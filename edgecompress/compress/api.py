@@ -31,7 +31,7 @@ from edgecompress.compress.rewrite import to_onnx
 from edgecompress.compress.simulate import SimulatedModel, layer_plans, name_layers
 from edgecompress.compress.sizing import SizeReport, size_report
 from edgecompress.data import Dataset, load_dataset
-from edgecompress.errors import PlanError
+from edgecompress.errors import PlanError, UsageError
 from edgecompress.export import (
     SOURCE_KEY,
     Parity,
@@ -420,4 +420,46 @@ def export_plan(
     )
     return PlanExport(
         out, out.stat().st_size, fp32, opset, parity, final_plan, size_report(out), finetune_epochs
+    )
+
+
+def export_compressed(
+    model: str,
+    out: str | Path,
+    *,
+    weights: str | Path | None = None,
+    plan: str | Path | None = None,
+    keep_ratio: float | None = None,
+    weight_bits: int | None = None,
+    activations: str | None = None,
+    clusters: int | None = None,
+    channel_multiple: int = 1,
+    data: str | None = None,
+    finetune_epochs: int = 0,
+    input_spec: InputSpec | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> PlanExport:
+    """`edgecompress export` with a plan file or a uniform plan given by flags (CLI entry)."""
+    uniform = (keep_ratio, weight_bits, activations, clusters)
+    if plan is not None and any(v is not None for v in uniform):
+        raise UsageError(
+            "give either --plan or the uniform flags (--keep-ratio, --weight-bits, --activations, "
+            "--clusters), not both"
+        )
+    if finetune_epochs and not data:
+        raise UsageError("--finetune-epochs needs training data: add --data SPEC (e.g. cifar10:DIR)")
+    check_writable(Path(out), force)
+    loaded = load_model(model, weights, input_spec)
+    if plan is None:
+        acts = activations or "float"
+        bits = weight_bits if weight_bits is not None else (8 if acts == "int8" else 32)
+        chosen = uniform_plan(
+            loaded, keep_ratio if keep_ratio is not None else 1.0, bits, acts, clusters or 0,
+            channel_multiple=channel_multiple,
+        )  # fmt: skip
+    else:
+        chosen = CompressionPlan.load(plan)
+    return export_plan(
+        loaded, chosen, out, data=data, finetune_epochs=finetune_epochs, force=force, progress=progress
     )
