@@ -31,7 +31,7 @@ from edgecompress.compress.rewrite import to_onnx
 from edgecompress.compress.simulate import SimulatedModel, layer_plans, name_layers
 from edgecompress.compress.sizing import SizeReport, size_report
 from edgecompress.data import Dataset, load_dataset
-from edgecompress.errors import PlanError, UsageError
+from edgecompress.errors import DataError, PlanError, UsageError
 from edgecompress.export import (
     SOURCE_KEY,
     Parity,
@@ -330,6 +330,7 @@ def compress_model(
     plan: CompressionPlan,
     *,
     train: Dataset | None = None,
+    calibration: Dataset | None = None,
     finetune_epochs: int = 0,
     config: FinetuneConfig | None = None,
     progress: Progress | None = None,
@@ -340,7 +341,8 @@ def compress_model(
     fine-tuned for `finetune_epochs` epochs with distillation from `model`.
     """
     resolved = validate(plan, model)
-    calib = train.take(CALIBRATION_IMAGES, seed=plan.seed).x if train is not None else None
+    source = calibration if calibration is not None else train
+    calib = source.take(CALIBRATION_IMAGES, seed=plan.seed).x if source is not None else None
     cfg = replace(config or FinetuneConfig(), epochs=finetune_epochs)
     teacher_classes = resolved.classes
     pruned = prune_model(model, plan, resolved)
@@ -392,14 +394,21 @@ def export_plan(
         model = load_model(model, weights)
     if not isinstance(plan, CompressionPlan):
         plan = CompressionPlan.load(plan)
-    train = test = None
+    train = test = calibration = None
     if isinstance(data, str):
-        train = load_dataset(data, "train", plan.classes)
         test = load_dataset(data, "test", plan.classes)
+        try:
+            train = load_dataset(data, "train", plan.classes)
+        except DataError:
+            if finetune_epochs:
+                raise
+            # A single-split file (npz:FILE) still calibrates; say that it is the test data.
+            log.warning("%s has no train split: calibrating on its test images", data)
+            calibration = test
     elif isinstance(data, Dataset):
         train = data
     compressed, resolved = compress_model(
-        model, plan, train=train, finetune_epochs=finetune_epochs, progress=progress
+        model, plan, train=train, calibration=calibration, finetune_epochs=finetune_epochs, progress=progress
     )
     if progress:
         progress("writing ONNX", None)

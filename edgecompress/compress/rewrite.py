@@ -255,7 +255,17 @@ def to_onnx(sim: SimulatedModel, metadata: dict[str, str] | None = None) -> onnx
     graph.node.extend(new_nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept_inits + b.initializers)
-    graph.sparse_initializer.extend(b.sparse)
+    # Sparse weights ride in Constant(sparse_value) nodes: the same SparseTensorProto as a
+    # graph sparse_initializer, but typed as the dense tensor Conv expects, so the file
+    # passes onnx.checker's full check (a sparse_initializer feeding Conv's W does not).
+    constants = [
+        helper.make_node("Constant", [], [t.values.name], sparse_value=t, name=f"{t.values.name}.sparse")
+        for t in b.sparse
+    ]
+    if constants:
+        rest = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(constants + rest)
     del graph.value_info[:]
     model.opset_import[0].version = opset
     model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(model.opset_import)))
@@ -279,11 +289,17 @@ def compact_names(model: onnx.ModelProto, layers: set[str]) -> None:
     keep = {i.name for i in graph.input} | {o.name for o in graph.output}
     init_names = [t.name for t in graph.initializer] + [t.values.name for t in graph.sparse_initializer]
     rename: dict[str, str] = {}
+
+    def owner(name: str) -> str:
+        return name.split(".weight")[0].split(".bias")[0].split(".codebook")[0]
+
     for name in init_names:
-        if name.split(".weight")[0].split(".bias")[0].split(".codebook")[0] not in layers:
+        if owner(name) not in layers:
             rename[name] = f"c{len(rename)}"
     count = 0
     for node in graph.node:
+        if node.op_type == "Constant" and owner(node.output[0]) in layers:
+            continue
         for out in node.output:
             if out and out not in keep and out not in rename:
                 rename[out] = f"v{count}"
@@ -295,7 +311,7 @@ def compact_names(model: onnx.ModelProto, layers: set[str]) -> None:
     for node in graph.node:
         node.input[:] = [rename.get(n, n) for n in node.input]
         node.output[:] = [rename.get(n, n) for n in node.output]
-        if node.name not in layers:
+        if node.name not in layers and node.op_type != "Constant":
             node.name = ""
         node.doc_string = ""
 

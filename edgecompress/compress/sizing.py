@@ -70,10 +70,21 @@ def size_report(path: str | Path) -> SizeReport:
     tensors: dict[str, TensorSize] = {}
     for t in graph.initializer:
         tensors[t.name] = TensorSize(t.name, _dtype(t.data_type), int(np.prod(t.dims)), t.ByteSize(), False)
-    for s in graph.sparse_initializer:
-        tensors[s.values.name] = TensorSize(
-            s.values.name, _dtype(s.values.data_type), int(np.prod(s.dims)), s.ByteSize(), True
-        )
+    sparse = list(graph.sparse_initializer)
+    sparse_names = [s.values.name for s in sparse]
+    dense_constants = []
+    for node in graph.node:  # Constant nodes hold tensors too (edgecompress puts sparse ones there)
+        if node.op_type == "Constant" and node.attribute:
+            attr = node.attribute[0]
+            if attr.name == "sparse_value":
+                sparse.append(attr.sparse_tensor)
+                sparse_names.append(node.output[0])
+            elif attr.name == "value":
+                dense_constants.append((node.output[0], attr.t))
+    for name, t in dense_constants:
+        tensors[name] = TensorSize(name, _dtype(t.data_type), int(np.prod(t.dims)), t.ByteSize(), False)
+    for name, s in zip(sparse_names, sparse, strict=True):
+        tensors[name] = TensorSize(name, _dtype(s.values.data_type), int(np.prod(s.dims)), s.ByteSize(), True)
     producer = {o: n for n in graph.node for o in n.output}
     users: dict[str, int] = {}
     for n in graph.node:
