@@ -93,10 +93,24 @@ def int8_model(fp32_model: Path) -> Path:
     return out
 
 
+def _on_cpu(index: int):
+    """Run what follows (and the qemu it starts) on one host CPU, where the host has it."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed, [allowed[index % len(allowed)]]
+
+
 @needs_setup
 def test_counts_are_deterministic_with_parity_and_per_node_coverage(fp32_model: Path) -> None:
-    first = count_instructions(fp32_model, "cortex-a53", use_cache=False)
-    second = count_instructions(fp32_model, "cortex-a53", use_cache=False)
+    # Two runs on two different host CPUs: onnxruntime asks getcpu() which core it is on
+    # (to pick per-core kernels), and the answer must not change the count.
+    allowed, first_cpu = _on_cpu(0)
+    try:
+        os.sched_setaffinity(0, first_cpu)
+        first = count_instructions(fp32_model, "cortex-a53", use_cache=False)
+        os.sched_setaffinity(0, _on_cpu(1)[1])
+        second = count_instructions(fp32_model, "cortex-a53", use_cache=False)
+    finally:
+        os.sched_setaffinity(0, allowed)
     assert first.instructions == second.instructions
     assert first.runs == second.runs and dict(first.by_class) == dict(second.by_class)
     assert [n.counts.total for n in first.nodes] == [n.counts.total for n in second.nodes]
@@ -112,7 +126,15 @@ def test_counts_are_deterministic_with_parity_and_per_node_coverage(fp32_model: 
 
 @needs_setup
 def test_the_core_changes_the_int8_kernel_path(int8_model: Path) -> None:
-    a53 = count_instructions(int8_model, "cortex-a53", use_cache=False, trace_nodes=False)
+    allowed = sorted(os.sched_getaffinity(0))
+    try:
+        os.sched_setaffinity(0, [allowed[-1]])  # A53 kernels are chosen per reported CPU
+        a53 = count_instructions(int8_model, "cortex-a53", use_cache=False, trace_nodes=False)
+        os.sched_setaffinity(0, [allowed[0]])
+        again = count_instructions(int8_model, "cortex-a53", use_cache=False, trace_nodes=False)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert again.runs == a53.runs
     a76 = count_instructions(int8_model, "cortex-a76", use_cache=False, trace_nodes=False)
     # No dot product on the A53: widening multiplies; the A76 runs SDOT.
     assert a53.by_class["int_dot"] == 0 and a53.by_class["int_mac"] > 0

@@ -145,7 +145,7 @@ def status() -> Runtime | None:
         and runtime.plugin == plugin_target(home / "plugin")
         and runtime.plugin.is_file()
         and (runtime.sysroot / GUEST_PYTHON.lstrip("/")).is_file()
-        and all((runtime.prefix(core) / "proc" / "cpuinfo").is_file() for core in CORES.values())
+        and all(_cpuinfo_current(runtime.prefix(core), core) for core in CORES.values())
     )
     return runtime if ready else None
 
@@ -449,6 +449,30 @@ def precompile(sysroot: Path, site: str) -> None:
         compileall.compile_dir(folder, quiet=2, workers=1)
 
 
+def host_cpu_slots() -> int:
+    """How many CPU numbers this host can report (one past the highest possible CPU).
+
+    The guest's onnxruntime asks getcpu() which core it runs on and looks that number up
+    in /proc/cpuinfo to choose kernels (MLAS has A53/A55-specific ones); qemu answers with
+    the host CPU the thread happens to be on. So the fake cpuinfo lists every number the
+    host can give, all of the emulated core type: otherwise the count would depend on
+    where the host scheduled the run.
+    """
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+        highest = max(int(part.split("-")[-1]) for part in text.split(",") if part)
+        return highest + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+def _cpuinfo_current(prefix: Path, core: Core) -> bool:
+    try:
+        return (prefix / "proc" / "cpuinfo").read_text() == core.cpuinfo(host_cpu_slots())
+    except OSError:
+        return False
+
+
 def write_core_prefixes(sysroot: Path, folder: Path) -> None:
     """One -L prefix per core: links to the sysroot's folders plus its own proc/cpuinfo."""
     for core in CORES.values():
@@ -465,7 +489,7 @@ def write_core_prefixes(sysroot: Path, folder: Path) -> None:
                 link.unlink()
             link.symlink_to(target)
         (prefix / "proc").mkdir(exist_ok=True)
-        (prefix / "proc" / "cpuinfo").write_text(core.cpuinfo())
+        (prefix / "proc" / "cpuinfo").write_text(core.cpuinfo(host_cpu_slots()))
 
 
 def check_guest(runtime: Runtime) -> None:
