@@ -134,7 +134,7 @@ def measure_emulated_arm(
         f"{count.instructions / 1e6:.2f} M instructions per inference counted under qemu "
         f"{count.qemu_version} (-cpu {count.qemu_cpu}): compute {estimate.compute_ms:.3f} ms "
         f"+ memory {estimate.memory_ms:.3f} ms",
-        f"cycle weights {model.source}: {model.note}",
+        f"cycle weights ({model.source}): {model.note}",
     ]
     if profile.session.intra_op_threads > 1:
         notes.append(
@@ -149,7 +149,8 @@ def measure_emulated_arm(
     notes.append(
         "aarch64 outputs bit-exact with the host's"
         if parity.bit_exact
-        else f"aarch64 outputs within {parity.max_abs_diff:.1e} of the host's"
+        else f"aarch64 outputs within {parity.max_abs_diff:.1e} of the host's "
+        f"({parity.max_rel_diff:.1e} of the largest output)"
     )
     status_ = memory["status"]
     peak = memory.get("peak_rss_mb") if status_ == "ok" else None

@@ -50,6 +50,7 @@ class Parity:
     """The aarch64 outputs against the host onnxruntime's, on the same inputs."""
 
     max_abs_diff: float
+    max_rel_diff: float  # max_abs_diff over the largest magnitude among the host's outputs
     bit_exact: bool
 
 
@@ -193,7 +194,9 @@ def count_instructions(
             "result": str(work / "result.json"),
             "warmup": warmup,
             "repeats": repeats,
-            "trace_nodes": trace_nodes,
+            # 0/1, not false/true: the request is parsed before the counted runs, and a
+            # text of another length would leave another heap behind (and other counts).
+            "trace_nodes": int(trace_nodes),
             "profile_dir": str(work),
             "threads": 1,
             "optimization": optimization,
@@ -317,7 +320,7 @@ def _host_reference(path: Path, optimization: str) -> tuple[dict[str, np.ndarray
 def compare_outputs(host: Sequence[np.ndarray], arm: Sequence[np.ndarray]) -> Parity:
     if len(host) != len(arm):
         raise MeasureError(f"the ARM run gave {len(arm)} outputs, the host {len(host)}")
-    worst, exact = 0.0, True
+    worst, largest, exact = 0.0, 0.0, True
     for a, b in zip(host, arm, strict=True):
         if a.shape != b.shape:
             raise MeasureError(f"output shapes differ: host {a.shape}, ARM {b.shape}")
@@ -325,7 +328,9 @@ def compare_outputs(host: Sequence[np.ndarray], arm: Sequence[np.ndarray]) -> Pa
         if a.size:
             diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
             worst = max(worst, float(np.nanmax(diff)))
-    return Parity(max_abs_diff=worst, bit_exact=exact)
+            largest = max(largest, float(np.nanmax(np.abs(a.astype(np.float64)))))
+    relative = worst / largest if largest > 0 else worst
+    return Parity(max_abs_diff=worst, max_rel_diff=relative, bit_exact=exact)
 
 
 def graph_bytes(path: Path) -> int:
