@@ -66,9 +66,7 @@ def provenance(measurement: Mapping[str, Any] | None) -> str:
     """How a figure was obtained, in words."""
     if not measurement:
         return "computed"
-    text = (
-        f"{measurement.get('mode', '?')}, calibration {measurement.get('calibration_source', '?')}"
-    )
+    text = f"{measurement.get('mode', '?')}, calibration {measurement.get('calibration_source', '?')}"
     if is_estimate(measurement):
         text += " (estimate)"
     return text
@@ -210,8 +208,7 @@ def to_markdown(result: Mapping[str, Any], candidates: Sequence[Mapping[str, Any
     if search:
         lines += ["## Search", ""]
         lines += [
-            f"- {k}: {_fmt(v) if not isinstance(v, dict) else json.dumps(v)}"
-            for k, v in search.items()
+            f"- {k}: {_fmt(v) if not isinstance(v, dict) else json.dumps(v)}" for k, v in search.items()
         ]
         lines.append("")
     notes = _notes(result)
@@ -222,9 +219,7 @@ def to_markdown(result: Mapping[str, Any], candidates: Sequence[Mapping[str, Any
 
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
-    )
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -334,9 +329,7 @@ def render_report(run_dir: str | Path) -> ReportFiles:
     run = Path(run_dir)
     path = run / REPORT_JSON
     if not path.is_file():
-        raise OutputError(
-            f"{run} holds no {REPORT_JSON}; give the --out folder of a finished compress run"
-        )
+        raise OutputError(f"{run} holds no {REPORT_JSON}; give the --out folder of a finished compress run")
     try:
         result = json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -29,6 +29,7 @@ from edgecompress.search.structure import LayerInfo, Structure
 
 FLOAT_BITS = 32
 FIGURES = ("latency_ms", "memory_mb", "size_kb")
+MAX_MARGIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,8 @@ class CostModel:
     layer_latency: LayerLatency | None = None
     weight_bytes: WeightBytes = default_weight_bytes
     int8_speed: float = 1.0  # latency factor of int8 activations without a table
+    boundary_ms: float = 0.0  # latency of one change between int8 and float activations
+    latency_weights: np.ndarray | None = None  # fitted (fixed, float, int8, per change)
     fits: dict[str, Fit] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -147,7 +150,8 @@ class CostModel:
         self.fits.setdefault("latency_ms", Fit())
 
     def layer_latency_of(self, layer: LayerInfo, shape: Shape, bits: int, act: str) -> float:
-        """Raw latency of one layer: the table's milliseconds, or speed-weighted FLOPs."""
+        """Raw latency of one layer: the table's milliseconds, or FLOPs weighted by the
+        int8 speed the fit has found (the prior until then)."""
         if self.layer_latency is not None:
             return self.layer_latency(layer, shape, bits, act)
         return shape.flops * (self.int8_speed if act == "int8" else 1.0)
@@ -159,45 +163,95 @@ class CostModel:
         )
 
     def raw(self, config: Config) -> dict[str, float]:
-        """Uncalibrated figures: table or FLOPs latency, weight bytes, arena bytes."""
-        latency = weights = flops = 0.0
+        """Uncalibrated figures: latency terms, weight bytes, arena bytes, FLOPs."""
+        parts = {"float": 0.0, "int8": 0.0}
+        weights = flops = 0.0
         activations = []
         for i, layer in enumerate(self.structure.layers):
             shape = layer_shape(layer, config)
             bits, act = config.bits[i], config.activation[i]
-            latency += self.layer_latency_of(layer, shape, bits, act)
+            term = shape.flops if self.layer_latency is None else self.layer_latency(layer, shape, bits, act)
+            parts["int8" if act == "int8" else "float"] += term
             weights += self.weight_bytes(layer, shape, bits, config.clusters[i])
             flops += shape.flops
             scale = 1 if act == "int8" else 4
             activations.append(
                 scale * (shape.in_channels * layer.in_size**2 + shape.out_channels * layer.out_size**2)
             )
+        acts = config.activation
+        changes = sum(a != b for a, b in zip(acts, acts[1:], strict=False))
+        boundaries = changes + (acts[0] == "int8") + (acts[-1] == "int8")
         return {
-            "latency_ms": latency,
+            "latency_float": parts["float"],
+            "latency_int8": parts["int8"],
+            "boundaries": float(boundaries),
+            "latency_ms": parts["float"] + self.int8_speed * parts["int8"],
             "memory_mb": weights + max(activations, default=0.0),
             "size_kb": weights,
             "flops": flops,
         }
 
+    def _latency_features(self, raw: Mapping[str, float]) -> np.ndarray:
+        return np.array([1.0, raw["latency_float"], raw["latency_int8"], raw["boundaries"]])
+
     def predict(self, config: Config) -> dict[str, float]:
         raw = self.raw(config)
-        out = {key: self.fits.get(key, Fit())(raw[key]) for key in FIGURES}
+        out = {key: self.fits.get(key, Fit())(raw[key]) for key in ("memory_mb", "size_kb")}
+        if self.latency_weights is None:
+            out["latency_ms"] = self.fits.get("latency_ms", Fit())(raw["latency_ms"])
+        else:
+            out["latency_ms"] = float(self._latency_features(raw) @ self.latency_weights)
         out["flops"] = raw["flops"]
         return out
 
     def calibrate(self, anchors: Sequence[tuple[Config, Mapping[str, float | None]]]) -> None:
-        """Fit each figure's raw prediction to the measured anchors (None: not measured)."""
+        """Fit each figure to the measured anchors (None: not measured).
+
+        Memory and size: an affine map of their raw figure. Latency: a fixed part, a
+        weight for float layers, one for int8 layers, and one per change between int8
+        and float activations along the network (Q/DQ nodes there), fitted by least
+        squares in relative error with a light pull towards the prior (int8 at
+        `int8_speed`, `boundary_ms` per change), so few anchors still give an answer.
+        """
         raws = [self.raw(config) for config, _ in anchors]
-        for key in FIGURES:
-            pairs = [
+        for key in ("memory_mb", "size_kb"):
+            rows = [
                 (r[key], float(m[key]))
                 for r, (_, m) in zip(raws, anchors, strict=True)
                 if m.get(key) is not None
             ]
-            if pairs:
-                self.fits[key] = fit_affine([p[0] for p in pairs], [p[1] for p in pairs])
+            if rows:
+                self.fits[key] = fit_affine([x for x, _ in rows], [y for _, y in rows])
+        rows = [
+            (self._latency_features(r), float(m["latency_ms"]))
+            for r, (_, m) in zip(raws, anchors, strict=True)
+            if m.get("latency_ms") is not None
+        ]
+        if not rows:
+            return
+        x = np.stack([f for f, _ in rows])
+        y = np.asarray([v for _, v in rows])
+        scale = float(y.sum() / max((x[:, 1] + self.int8_speed * x[:, 2]).sum(), 1e-12))
+        prior = np.array([0.0, scale, scale * self.int8_speed, self.boundary_ms])
+        typical = np.maximum(np.abs(x).mean(0), 1e-12)
+        mean_y = float(y.mean())
+        z = x / typical  # columns of order one
+        d = mean_y / np.maximum(y, 1e-12)  # relative error: small models count as much
+        u_prior = prior * typical / mean_y
+        lam = 1e-2
+        a = (z * d[:, None] ** 2).T @ z + lam * np.eye(4)
+        b = (z * d[:, None] ** 2).T @ (y / mean_y) + lam * u_prior
+        weights = np.linalg.solve(a, b) * mean_y / typical
+        weights[1:] = np.maximum(weights[1:], 0.0)
+        self.latency_weights = weights
+        if weights[1] > 0:
+            self.int8_speed = float(weights[2] / weights[1]) if weights[2] > 0 else self.int8_speed
+        predicted = x @ weights
+        error = float(np.max(np.abs(predicted - y) / np.maximum(y, 1e-12)))
+        self.fits["latency_ms"] = Fit(error=error)
 
-    def margins(self, floor: Mapping[str, float] | None = None) -> dict[str, float]:
-        """Relative headroom the budget wall keeps per figure: the fit's error, at least `floor`."""
+    def margins(self, floor: Mapping[str, float] | None = None, cap: float = MAX_MARGIN) -> dict[str, float]:
+        """Relative headroom the budget wall keeps per figure: the fit's error, at least `floor`,
+        at most `cap` (a noisier fit would wall off everything; verify repairs a real miss)."""
         floor = floor or {}
-        return {k: max(self.fits.get(k, Fit()).error, floor.get(k, 0.0)) for k in FIGURES}
+        return {k: min(cap, max(self.fits.get(k, Fit()).error, floor.get(k, 0.0))) for k in FIGURES}

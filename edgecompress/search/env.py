@@ -72,9 +72,16 @@ class SearchEnv(gym.Env):
         self.knobs = [self._knobs(u) for u in self.units]
         self.action_dim = len(self.knobs[0])
         self.floor = self._at_floor(self.start, 0)
-        margins = {k: 0.0 for k in FIGURES} | dict(margins or {})
-        self.limits = self._limits(margins)
+        self.margins = {k: 0.0 for k in FIGURES} | dict(margins or {})
+        self.limits = self._limits(self.margins)
         self.memo: dict[str, Outcome] = {}
+        self.last_scored: str | None = None  # digest of the candidate the scorer exported last
+        # Measured models the cost model is fitted to: the anchors, then each candidate
+        # the first time it is met (so a replayed run refits exactly as the original did).
+        self.anchor_points: list[tuple[Config, dict[str, Any]]] = []
+        self.observed: dict[str, tuple[Config, dict[str, Any]]] = {}
+        self.refit = True
+        self.scores_source: Callable[[], Mapping[str, Sequence[float]]] | None = None
         self.action_space = gym.spaces.Box(0.0, 1.0, (self.action_dim,), np.float32)
         dim = STATIC_FEATURES + 2 + self.action_dim
         self.observation_space = gym.spaces.Box(0.0, 1.0, (dim,), np.float32)
@@ -133,7 +140,41 @@ class SearchEnv(gym.Env):
             if bits < 32 or k or act != "float":
                 layers[layer.name] = {"bits": bits, "activation": act, "clusters": k}
         channels = {g.name: config.channels[i] for i, g in enumerate(self.structure.groups)}
-        return {"stage": self.stage, "channels": channels, "layers": layers}
+        out: dict[str, Any] = {"stage": self.stage, "channels": channels, "layers": layers}
+        if self.scores_source is not None:  # learned (DECORE) channel scores pick the channels
+            out["scores"] = {k: [round(float(v), 4) for v in s] for k, s in self.scores_source().items()}
+        return out
+
+    def rescore(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """A record's reward and feasibility under this environment's current baseline and budgets."""
+        figures = {k: record.get(k) for k in ("accuracy", "latency_ms", "memory_mb", "size_kb", "flops")}
+        measured = self.mode == "measured" and figures["latency_ms"] is not None
+        return {
+            **record,
+            "reward": reward(figures, self.baseline, self.budgets, self.mode),
+            "feasible": all_met(self.budgets, figures if measured else record.get("predicted", figures)),
+        }
+
+    def config_of(self, decisions: Mapping[str, Any]) -> Config:
+        """The configuration a decisions record describes (the inverse of `decisions`)."""
+        channels = decisions.get("channels", {})
+        layers = decisions.get("layers", {})
+        config = self.start
+        full = Config.full(self.structure)
+        for i, g in enumerate(self.structure.groups):
+            config = config.with_group(i, int(channels.get(g.name, g.channels)))
+        for i, layer in enumerate(self.structure.layers):
+            setting = layers.get(layer.name)
+            if setting is None:
+                config = config.with_layer(i, bits=full.bits[i], activation="float", clusters=None)
+            else:
+                config = config.with_layer(
+                    i,
+                    bits=int(setting["bits"]),
+                    activation=setting["activation"],
+                    clusters=setting.get("clusters"),
+                )
+        return config
 
     def evaluate(self, config: Config) -> dict[str, Any]:
         """Score a configuration (once: repeats come from the memo) and build its record."""
@@ -141,6 +182,7 @@ class SearchEnv(gym.Env):
         key = digest(decisions)
         cached = key in self.memo
         if not cached:
+            self.last_scored = key
             started = time.perf_counter()
             outcome = self.scorer(decisions, self.mode == "measured")
             if not outcome.seconds:
@@ -151,6 +193,10 @@ class SearchEnv(gym.Env):
         if outcome.flops is None or not np.isfinite(outcome.flops):
             outcome = dataclasses.replace(outcome, flops=predicted["flops"])
         figures = outcome.figures()
+        if key not in self.observed and outcome.latency_ms is not None:
+            self.observed[key] = (config, figures)
+            if self.refit:
+                self.cost.calibrate(self.anchor_points + list(self.observed.values()))
         measured = self.mode == "measured" and outcome.latency_ms is not None
         return {
             "stage": self.stage,
@@ -159,20 +205,45 @@ class SearchEnv(gym.Env):
             "decisions": decisions,
             **outcome.as_dict(),
             "predicted": {k: round(v, 6) for k, v in predicted.items()},
-            "reward": reward(figures, self.baseline, self.budgets, self.mode),
+            "reward": reward(figures, self.baseline, self.budgets, self.mode) if self.baseline else None,
             "feasible": all_met(self.budgets, figures if measured else predicted),
         }
 
     # --- the budget wall -----------------------------------------------------------------
     def _limits(self, margins: Mapping[str, float]) -> dict[str, float]:
+        """What the wall holds predictions to: each budget less its margin, and never below
+        the predicted floor. AMC's rule assumes the smallest model fits; when the prediction
+        says it does not (the anchors measured otherwise), pushing every step to its minimum
+        would only make the model worse, so the floor then marks the limit."""
         limits = {}
+        floor = self.cost.predict(self.floor) if hasattr(self, "floor") else {}
         for key, value in self.budgets.resources().items():
             if self.mode == "flops":
                 share = value / float(self.baseline[key])
                 limits["flops"] = min(limits.get("flops", np.inf), share * self.baseline["flops"])
             else:
-                limits[key] = value * (1.0 - margins.get(key, 0.0))
+                limits[key] = max(value * (1.0 - margins.get(key, 0.0)), floor.get(key, 0.0))
         return limits
+
+    def calibrate(
+        self,
+        points: Sequence[tuple[Config, Mapping[str, Any]]],
+        min_margins: Mapping[str, float] | None = None,
+    ) -> None:
+        """Fit the cost model to measured models and set the wall's margins from its error."""
+        self.anchor_points = [(c, dict(f)) for c, f in points]
+        self.cost.calibrate(self.anchor_points)
+        # The fit may reorder choices (int8 or float activations: which is faster here).
+        self.knobs = [self._knobs(u) for u in self.units]
+        self.floor = self._at_floor(self.start, 0)
+        self.margins = self.cost.margins(min_margins)
+        self.limits = self._limits(self.margins)
+        self._base_cost = max(self._cost_figure(self.start), 1e-12)
+
+    def set_budgets(self, budgets: Budgets) -> None:
+        """Budgets for this stage's wall and reward (stage 1 may leave part to stage 2)."""
+        self.budgets = budgets
+        self.limits = self._limits(self.margins)
 
     def fits(self, config: Config) -> bool:
         """Whether the predicted figures of a configuration keep every budget."""
@@ -311,8 +382,10 @@ class QuantizationEnv(SearchEnv):
         bits: Sequence[int] = BIT_CHOICES,
         activations: Sequence[str] = ("float", "int8"),
         clusters: Sequence[int] | None = None,
+        protect: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
+        self.protect = {structure.index(name) for name in protect}
         self.bit_choices = tuple(sorted(bits))
         self.activation_choices = tuple(activations)
         self.cluster_choices = tuple(sorted(clusters)) + (None,) if clusters else None
@@ -323,13 +396,15 @@ class QuantizationEnv(SearchEnv):
         return list(range(len(self.structure.layers)))
 
     def _knobs(self, unit: int) -> list[Knob]:
+        protected = unit in self.protect  # first/last layer: 8 bits or more, no sharing
         knobs = []
         if self.bit_choices:
-            knobs.append(Knob("bits", self.bit_choices))
+            bits = tuple(b for b in self.bit_choices if b >= 8) if protected else self.bit_choices
+            knobs.append(Knob("bits", bits or self.bit_choices[-1:]))
         if len(self.activation_choices) > 1:
             knobs.append(Knob("activation", self._activation_order(unit)))
         if self.cluster_choices:
-            knobs.append(Knob("clusters", self.cluster_choices))
+            knobs.append(Knob("clusters", (None,) if protected else self.cluster_choices))
         return knobs
 
     def _activation_order(self, unit: int) -> tuple[str, ...]:

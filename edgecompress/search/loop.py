@@ -60,13 +60,16 @@ def run_episodes(
     on_record: OnRecord | None = None,
     progress: Progress | None = None,
     label: str = "search",
+    best: dict[str, Any] | None = None,
 ) -> StageResult:
-    """Run `episodes` episodes, appending each new candidate to the log as it is scored."""
+    """Run `episodes` episodes, appending each new candidate to the log as it is scored.
+
+    `best` is the best candidate met before the search (a reference model of the stage).
+    """
     logged_episodes: set[int] = set()
     if log_file is not None:
         env.memo.update(log_file.memo(env.stage))
         logged_episodes = {int(r["episode"]) for r in log_file.stage(env.stage) if "episode" in r}
-    best: dict[str, Any] | None = None
     records, evaluated = [], 0
     for episode in range(episodes):
         state, _ = env.reset(seed=agent.seed + episode)
