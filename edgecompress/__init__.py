@@ -7,6 +7,8 @@ layer, which runs on boards without torch) never loads torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -32,6 +34,10 @@ _API = {
     "size_report": "edgecompress.compress.sizing:size_report",
     "finetune": "edgecompress.compress.finetune:finetune",
     "run_demo": "edgecompress.demo:run_demo",
+    "compress": "edgecompress.pipeline:compress",
+    "resume": "edgecompress.pipeline:resume",
+    "CompressionResult": "edgecompress.pipeline:CompressionResult",
+    "render_report": "edgecompress.report:render_report",
     "arm_setup": "edgecompress.measure.arm:arm_setup",
     "count_arm_instructions": "edgecompress.measure.arm:count_instructions",
     "fit_arm_cycle_weights": "edgecompress.measure.arm:fit_cycle_weights",
@@ -40,7 +46,37 @@ _API = {
 __all__ = sorted(_API)
 
 
+class _CompressEntry:
+    """`edgecompress.compress`: call it to compress a model (pipeline.compress); its
+    attributes are those of the `edgecompress.compress` subpackage of the same name, so
+    `edgecompress.compress.api` and `import edgecompress.compress.plan as p` still work."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return importlib.import_module("edgecompress.pipeline").compress(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module("edgecompress.compress"), name)
+
+    def __repr__(self) -> str:
+        return "<function edgecompress.compress (and the edgecompress.compress package)>"
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Importing the subpackage edgecompress.compress would replace the API function.
+        if name == "compress" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 def __getattr__(name: str) -> Any:
+    if name == "compress":
+        value: Any = _CompressEntry()
+        globals()[name] = value
+        return value
     target = _API.get(name)
     if target is None:
         raise AttributeError(f"module 'edgecompress' has no attribute {name!r}")

@@ -49,9 +49,11 @@ class _ProgressDisplay:
             self.bar.stop()
 
     def __call__(self, stage: str, fraction: float | None) -> None:
+        # "task | detail": one bar per task, its detail (episode, best so far) updated in place.
+        key = stage.split(" | ")[0]
         if not self.console.is_terminal:
-            if stage not in self.tasks:
-                self.tasks[stage] = True
+            if key not in self.tasks or (" | " in stage and fraction is not None and fraction >= 1.0):
+                self.tasks[key] = True
                 click.echo(f"{stage} ...", err=True)
             return
         if self.bar is None:
@@ -66,10 +68,11 @@ class _ProgressDisplay:
                 transient=True,
             )
             self.bar.start()
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage, total=1.0 if fraction is not None else None)
+        if key not in self.tasks:
+            self.tasks[key] = self.bar.add_task(stage, total=1.0 if fraction is not None else None)
+        self.bar.update(self.tasks[key], description=stage)
         if fraction is not None:
-            self.bar.update(self.tasks[stage], completed=fraction)
+            self.bar.update(self.tasks[key], completed=fraction)
 
 
 def _progress() -> tuple[_ProgressDisplay, _ProgressDisplay]:
@@ -254,6 +257,60 @@ def demo(out, force) -> None:
         f"exported {result.onnx_path} ({result.onnx_size_bytes / 1024:.1f} KiB); "
         f"onnxruntime top-1 {result.onnx_top1:.2f}%, agreement {100 * result.parity_agreement:.1f}%"
     )
+    for device, compressed in result.results.items():
+        click.echo(f"{device}:")
+        for line in compressed.summary_lines():
+            click.echo(f"  {line}")
+
+
+@cli.command("compress")
+@click.argument("model", required=False)
+@click.option("--weights", "-w", type=click.Path(dir_okay=False), help="Checkpoint to load.")
+@click.option("--data", "data_spec", help="Dataset spec: cifar10:DIR, npz:FILE, folder:DIR or digits.")
+@click.option("--device", "-d", help="Device profile name or YAML file (default: host).")
+@click.option("--remote", help="URL of an edgecompress agent on the board: measure there.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the agent's token.")
+@click.option("--latency-ms", type=float, help="Latency budget on the device (ms, p50, batch 1).")
+@click.option("--memory-mb", type=float, help="Peak memory budget on the device (MB).")
+@click.option("--size-kb", type=float, help="File size budget of model.onnx (KB).")
+@click.option("--max-accuracy-drop", type=float, help="Top-1 points it may lose (held-out).")
+@click.option("--classes", help="Keep only these classes (e.g. 0,1,5); the output layer shrinks to them.")
+@click.option("--episodes", type=int, help="Search episodes per stage (default 100).")
+@click.option("--agent", type=click.Choice(["ddpg", "decore", "random", "uniform"]), help="Search agent.")
+@click.option("--finetune-epochs", type=int, help="Fine-tuning epochs after each stage (default 1).")
+@click.option("--seed", type=int, help="Seed: the same seed gives the same plan (default 0).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings.")
+@click.option("--save-config", type=click.Path(dir_okay=False), help="Write the settings to this YAML.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Run folder (default edgecompress-out).")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder.")
+@click.option("--force", is_flag=True, help="Start over in an --out folder that holds an earlier run.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def compress_command(model, data_spec, config_file, out, as_json, **options) -> None:
+    """Compress MODEL for a device within latency, memory and size budgets (measured, not FLOPs).
+
+    Writes DIR/model.onnx, plan.json, report.html/.md/.json and candidates.jsonl.
+    """
+    from edgecompress import compress
+
+    options["classes"] = _parse_classes(options["classes"])
+    progress, report = _progress()
+    with progress:
+        result = compress(model, data_spec, config=config_file, out=out, progress=report, **options)
+    if as_json:
+        _echo_json(result.summary())
+        return
+    for line in result.summary_lines():
+        click.echo(line)
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report_command(run_dir) -> None:
+    """Re-render report.html, report.md and report.json of a compress run folder."""
+    from edgecompress import render_report
+
+    files = render_report(run_dir)
+    click.echo(f"wrote {files.html}, {files.markdown}, {files.json}")
 
 
 @cli.command("arm-setup")
