@@ -352,16 +352,26 @@ def compress_model(
         if train is not None and finetune_epochs > 0:
             if progress:
                 progress("fine-tuning the pruned model", 0.0)
+            stage = _stage(cfg, "prune")
             finetune(pruned.module, pruned.spec, train, teacher=model.module,
-                     teacher_classes=teacher_classes, config=cfg, progress=progress)  # fmt: skip
+                     teacher_classes=teacher_classes, config=stage, progress=progress)  # fmt: skip
     compressed = simulate(pruned, plan, resolved, calib, analyze_model(model))
     if compressed is not pruned and train is not None and finetune_epochs > 0:
         if progress:
             progress("quantization-aware fine-tuning", 0.0)
+        stage = _stage(replace(cfg, lr=cfg.qat_lr), "qat")
         finetune(compressed.module, compressed.spec, train, teacher=model.module,
-                 teacher_classes=teacher_classes, config=cfg, progress=progress)  # fmt: skip
+                 teacher_classes=teacher_classes, config=stage, progress=progress)  # fmt: skip
     compressed.module.eval()
     return compressed, resolved
+
+
+def _stage(config: FinetuneConfig, name: str) -> FinetuneConfig:
+    """One checkpoint file per stage, so a killed run resumes whichever stage it was in."""
+    if config.checkpoint is None:
+        return config
+    path = Path(config.checkpoint)
+    return replace(config, checkpoint=path.with_name(f"{path.stem}.{name}{path.suffix}"))
 
 
 def compressed_onnx(model: LoadedModel, plan: CompressionPlan, metadata: dict[str, str]) -> Any:

@@ -1,0 +1,236 @@
+"""ResNet-20 under fixed compression plans: file size, accuracy before/after a short fine-tune,
+torch/onnxruntime parity, and measured latency and peak memory on device profiles.
+
+    python benchmarks/compression.py [--cifar DIR] [--weights ../shared/weights/resnet20.th]
+                                     [--images 10000] [--devices host,embedded-arm]
+
+Baseline: the published checkpoint adapted to the CIFAR-10 JPEG copy by the same short
+fine-tune every plan gets (recipe below); accuracy drops are against it. Every plan
+starts from the adapted baseline. "before" = plan applied (BatchNorm recalibrated on 512
+training images, activation ranges calibrated on the same), no training; "after" = each
+stage (pruning, then quantization/sharing) fine-tuned once with the recipe. Top-1 is
+onnxruntime running the written file on all 10,000 JPEG test images; parity compares
+that file with the torch simulation on the same images. Latency/memory: edgecompress.
+measure on each profile, three times without cache; the median p50 and the spread of
+the three p50s are reported (other work shared this 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import machine_description, write_section  # noqa: E402
+
+from edgecompress.compress.api import (  # noqa: E402
+    CALIBRATION_IMAGES,
+    apply,
+    compress_model,
+    compressed_onnx,
+    uniform_plan,
+)
+from edgecompress.compress.finetune import FinetuneConfig, finetune  # noqa: E402
+from edgecompress.compress.plan import CompressionPlan, LayerPlan  # noqa: E402
+from edgecompress.compress.sizing import size_report  # noqa: E402
+from edgecompress.data import load_dataset  # noqa: E402
+from edgecompress.evaluate import evaluate  # noqa: E402
+from edgecompress.export import check_parity, save_onnx, write_onnx  # noqa: E402
+from edgecompress.zoo import LoadedModel, load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND = "python benchmarks/compression.py"
+
+
+def mixed_plan(model: LoadedModel) -> CompressionPlan:
+    """8-bit weights for stages 1-2 (few weights, most sensitive), 4-bit for stage 3 (78%)."""
+    plan = uniform_plan(model, weight_bits=8, activations="int8")
+    four = {name: LayerPlan(4, "int8") for name in _layers(model) if name.startswith("layer3.")}
+    return plan.with_layers(**four)
+
+
+def _layers(model: LoadedModel) -> list[str]:
+    from edgecompress.compress.api import describe_layers
+
+    return [info.name for info in describe_layers(model)]
+
+
+PLANS = {
+    "prune50": ("50% channels (fp32)", lambda m: uniform_plan(m, keep_ratio=0.5)),
+    "int8": ("int8 weights + int8 activations", lambda m: uniform_plan(m, weight_bits=8, activations="int8")),
+    "mixed84": ("mixed 8/4-bit weights + int8 activations", mixed_plan),
+    "shared16": (
+        "16 shared weights/layer (4-bit indices, fp32 codebook)",
+        lambda m: uniform_plan(m, clusters=16),
+    ),
+    "shared16-int8": (
+        "16 shared weights/layer, int8 codebook + int8 activations",
+        lambda m: uniform_plan(m, weight_bits=8, activations="int8", clusters=16),
+    ),
+    "prune50-int4": ("50% channels + 4-bit weights (fp32 activations)", lambda m: uniform_plan(m, 0.5, 4)),
+    "combined": (
+        "50% channels + 4-bit weights + int8 activations",
+        lambda m: uniform_plan(m, keep_ratio=0.5, weight_bits=4, activations="int8"),
+    ),
+}
+
+
+def measure_file(path: Path, devices: list[str]) -> dict[str, dict]:
+    from edgecompress.measure import measure
+
+    out = {}
+    for device in devices:
+        runs = [measure(path, device, use_cache=False) for _ in range(3)]
+        p50 = [r.latency_ms for r in runs]
+        last = runs[-1]
+        out[device] = {
+            "latency_ms": float(np.median(p50)),
+            "latency_spread": float(max(p50) / min(p50)),
+            "raw_host_ms": float(np.median([r.raw.p50 for r in runs])),
+            "peak_memory_mb": float(np.median([r.peak_memory_mb for r in runs])),
+            "mode": last.mode,
+            "calibration": last.calibration,
+            "notes": list(last.notes),
+        }
+    return out
+
+
+def fused_ops(path: Path) -> dict[str, int]:
+    """Op counts of the graph onnxruntime actually runs (after its own optimizations)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops: dict[str, int] = {}
+    for node in onnx.load(options.optimized_model_filepath).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cifar", default=str(Path.home() / ".cache/edgecompress/cifar10"))
+    parser.add_argument("--weights", default=str(ROOT.parent / "shared/weights/resnet20.th"))
+    parser.add_argument("--images", type=int, default=10000, help="training images per fine-tune stage")
+    parser.add_argument("--devices", default="host,embedded-arm")
+    parser.add_argument("--plans", default=",".join(PLANS))
+    parser.add_argument("--test-images", type=int, default=None, help="a subset, for a quick check only")
+    args = parser.parse_args()
+    devices = args.devices.split(",")
+    data = f"cifar10:{args.cifar}"
+    train, test = load_dataset(data, "train"), load_dataset(data, "test").take(args.test_images)
+    exact = load_dataset(f"npz:{Path(args.cifar) / 'exact_test.npz'}", "test")
+    config = FinetuneConfig(epochs=1, max_images=args.images)
+    recipe = (
+        f"1 epoch over {args.images} JPEG training images (held-out split excluded), SGD nesterov "
+        f"momentum {config.momentum}, cosine from lr {config.lr} (quantized/shared stage: {config.qat_lr}), "
+        f"batch {config.batch_size}, weight decay {config.weight_decay}, crop+flip, distillation "
+        f"T={config.temperature} weight {config.distill_weight} from the uncompressed model"
+    )
+    work = Path(tempfile.mkdtemp(prefix="ec-compression-"))
+    t0 = time.time()
+
+    original = load_model("resnet20", args.weights)
+    adapted = load_model("resnet20", args.weights)
+    finetune(adapted.module, adapted.spec, train, teacher=original.module, config=config)
+    base_path = write_onnx(adapted.module, adapted.spec, work / "fp32.onnx")
+    fp32_bytes = base_path.stat().st_size
+    base_top1 = evaluate(base_path, test).top1
+    rows = {
+        "fp32": {
+            "plan": "adapted baseline, fp32",
+            "bytes": fp32_bytes,
+            "ratio": 1.0,
+            "top1_before": evaluate(original, test).top1,
+            "top1_after": base_top1,
+            "exact_top1_after": evaluate(base_path, exact).top1,
+            "parity": 1.0,
+            "measure": measure_file(base_path, devices),
+            "ops": fused_ops(base_path),
+        }
+    }
+    print(f"baseline adapted: {base_top1:.2f} ({time.time() - t0:.0f}s)", flush=True)
+    calibration = train.take(CALIBRATION_IMAGES, seed=0).x
+    for key in args.plans.split(","):
+        title, make = PLANS[key]
+        plan = make(adapted)
+        started = time.time()
+        before = apply(adapted, plan, calibration=calibration)
+        before_path = work / f"{key}-before.onnx"
+        save_onnx(compressed_onnx(before, plan, {}), before_path, force=True)
+        compressed, _ = compress_model(adapted, plan, train=train, finetune_epochs=1, config=config)
+        path = work / f"{key}.onnx"
+        save_onnx(compressed_onnx(compressed, plan, {}), path, force=True)
+        parity = check_parity(compressed.module, compressed.spec, path, test.x)
+        report = size_report(path)
+        rows[key] = {
+            "plan": title,
+            "bytes": report.file_bytes,
+            "ratio": fp32_bytes / report.file_bytes,
+            "top1_before": evaluate(before_path, test).top1,
+            "top1_after": evaluate(path, test).top1,
+            "exact_top1_after": evaluate(path, exact).top1,
+            "parity": parity.top1_agreement,
+            "measure": measure_file(path, devices),
+            "ops": fused_ops(path),
+            "layers": report.as_rows(),
+            "overhead_bytes": report.overhead_bytes,
+            "seconds": time.time() - started,
+        }
+        print(
+            f"{key}: {rows[key]['bytes']} B, {rows[key]['top1_after']:.2f}, {time.time() - started:.0f}s",
+            flush=True,
+        )
+    write(rows, devices, recipe, base_top1, asdict(replace(config, checkpoint=None)))
+
+
+def write(rows: dict, devices: list[str], recipe: str, base_top1: float, config: dict) -> None:
+    head = "| plan | file | vs fp32 | top-1 before FT | top-1 after FT | drop | exact 0-999 | parity |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    for d in devices:
+        head += f" {d} ms (spread) | {d} peak MB |"
+        sep += "---:|---:|"
+    lines = [head, sep]
+    for r in rows.values():
+        line = (
+            f"| {r['plan']} | {r['bytes'] / 1024:.1f} KiB | {r['ratio']:.1f}x | {r['top1_before']:.2f} | "
+            f"{r['top1_after']:.2f} | {base_top1 - r['top1_after']:+.2f} | {r['exact_top1_after']:.1f} | "
+            f"{100 * r['parity']:.2f}% |"
+        )
+        for d in devices:
+            m = r["measure"][d]
+            line += f" {m['latency_ms']:.3f} (x{m['latency_spread']:.2f}) | {m['peak_memory_mb']:.1f} |"
+        lines.append(line)
+    lines += ["", "What onnxruntime runs (op counts of its optimized graph):", ""]
+    for key, r in rows.items():
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"- {key}: {ops}")
+    modes = []
+    for d in devices:
+        m = rows["fp32"]["measure"][d]
+        notes = f" ({'; '.join(m['notes'])})" if m["notes"] else ""
+        modes.append(f"{d}: {m['mode']}, calibration {m['calibration']}{notes}")
+    lines += ["", "Measurement modes: " + "; ".join(modes)]
+    intro = (
+        f"Command: `{COMMAND}` on {machine_description()}. Fine-tune recipe (baseline adaptation and "
+        f"every plan stage alike): {recipe}. Top-1 on the 10,000 JPEG test images in onnxruntime; "
+        "'drop' against the adapted baseline; 'exact 0-999' is the lossless sample; parity is the file "
+        "vs its torch simulation on the 10,000 test images. Latency is the median of three measurements "
+        "(p50 each) with the max/min ratio of the three, since other work shared the machine."
+    )
+    write_section("compression", "Compression of ResNet-20 (fixed plans)", intro, lines,
+                  {"rows": rows, "recipe": recipe, "config": {k: str(v) for k, v in config.items()},
+                   "command": COMMAND, "machine": machine_description()})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
