@@ -374,7 +374,7 @@ class Run(Session):
         stage = last.stage
         decisions = dict(last.best["decisions"])
         if stage2 is None:  # prune only: the pruned model ships at the stage's precision
-            decisions["channels"] = {}
+            decisions = {"stage": "prune", "layers": decisions.get("layers", {})}
         template = dataclasses.replace(stage.template, classes=None) if stage1 is not None else stage.template
         groups = self.pruning_plan.groups if stage1 is not None else {}
         path = self.out / "model.onnx"
@@ -400,15 +400,16 @@ class Run(Session):
             )
             decisions = stage.env.decisions(smaller)
         plan.save(self.out / "plan.json")
-        layers = self.layer_rows(stage, plan, decisions, stage1)
+        # The configuration in the stage's own terms (stage 1's keeps its channel counts).
+        config = stage.env.config_of(decisions if stage2 is not None else last.best["decisions"])
+        layers = self.layer_rows(stage, plan, config, stage1)
         return Final(path, plan, figures, parity, rounds, layers)
 
-    def layer_rows(
-        self, stage: Any, plan: Any, decisions: Mapping[str, Any], stage1: StageRun | None
-    ) -> list[dict]:
+    def layer_rows(self, stage: Any, plan: Any, config: Any, stage1: StageRun | None) -> list[dict]:
         """The per-layer table of the report: channels before/after, precision, latency share."""
+        from edgecompress.search.costs import layer_shape
+
         env = stage.env
-        config = env.config_of(decisions)
         shares = [env.cost.raw_layer_latency(i, config) for i in range(len(stage.structure.layers))]
         total = sum(shares) or 1.0
         before = {
@@ -416,17 +417,15 @@ class Run(Session):
         }
         rows = []
         for i, layer in enumerate(stage.structure.layers):
-            setting = decisions.get("layers", {}).get(layer.name, {})
-            bits = int(setting.get("bits", 32))
-            act = setting.get("activation", "float") if bits < 32 else "float"
+            bits, act = config.bits[i], config.activation[i] if config.bits[i] < 32 else "float"
             rows.append({
                 "name": layer.name,
                 "type": {"conv": "Conv", "dwconv": "Conv (depthwise)", "linear": "Linear"}[layer.op],
                 "channels_before": before.get(layer.name, layer.out_channels),
-                "channels_after": layer.out_channels,
+                "channels_after": layer_shape(layer, config).out_channels,
                 "bits": bits,
                 "activation": f"int8 ({plan.activation_dtype})" if act == "int8" else "float",
-                "clusters": setting.get("clusters"),
+                "clusters": config.clusters[i],
                 "latency_share": shares[i] / total,
             })  # fmt: skip
         return rows

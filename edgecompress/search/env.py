@@ -148,11 +148,11 @@ class SearchEnv(gym.Env):
     def rescore(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """A record's reward and feasibility under this environment's current baseline and budgets."""
         figures = {k: record.get(k) for k in ("accuracy", "latency_ms", "memory_mb", "size_kb", "flops")}
-        measured = self.mode == "measured" and figures["latency_ms"] is not None
+        measured = figures["latency_ms"] is not None
         return {
             **record,
             "reward": reward(figures, self.baseline, self.budgets, self.mode),
-            "feasible": all_met(self.budgets, figures if measured else record.get("predicted", figures)),
+            "feasible": all_met(self.budgets, figures if measured else record.get("predicted") or figures),
         }
 
     def config_of(self, decisions: Mapping[str, Any]) -> Config:
@@ -176,15 +176,18 @@ class SearchEnv(gym.Env):
                 )
         return config
 
-    def evaluate(self, config: Config) -> dict[str, Any]:
-        """Score a configuration (once: repeats come from the memo) and build its record."""
+    def evaluate(self, config: Config, measure: bool | None = None) -> dict[str, Any]:
+        """Score a configuration (once: repeats come from the memo) and build its record.
+
+        `measure` overrides the mode (reference models are measured even in FLOPs mode).
+        """
         decisions = self.decisions(config)
         key = digest(decisions)
         cached = key in self.memo
         if not cached:
             self.last_scored = key
             started = time.perf_counter()
-            outcome = self.scorer(decisions, self.mode == "measured")
+            outcome = self.scorer(decisions, self.mode == "measured" if measure is None else measure)
             if not outcome.seconds:
                 outcome = dataclasses.replace(outcome, seconds=time.perf_counter() - started)
             self.memo[key] = outcome
@@ -197,7 +200,7 @@ class SearchEnv(gym.Env):
             self.observed[key] = (config, figures)
             if self.refit:
                 self.cost.calibrate(self.anchor_points + list(self.observed.values()))
-        measured = self.mode == "measured" and outcome.latency_ms is not None
+        measured = outcome.latency_ms is not None
         return {
             "stage": self.stage,
             "digest": key,
@@ -219,6 +222,8 @@ class SearchEnv(gym.Env):
         floor = self.cost.predict(self.floor) if hasattr(self, "floor") else {}
         for key, value in self.budgets.resources().items():
             if self.mode == "flops":
+                if not self.baseline.get(key):
+                    continue  # no measured baseline yet to turn the budget into FLOPs
                 share = value / float(self.baseline[key])
                 limits["flops"] = min(limits.get("flops", np.inf), share * self.baseline["flops"])
             else:

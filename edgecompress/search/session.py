@@ -107,7 +107,7 @@ class Session:
 
     def anchor(self, stage: Any, name: str, config: Any) -> dict[str, Any]:
         """Evaluate (or recall) one reference model of a stage and log it once."""
-        record = stage.env.evaluate(config)
+        record = stage.env.evaluate(config, measure=True)
         # Anchors are measured before the cost model is fitted: their predictions mean nothing.
         record = {
             "id": f"{stage.env.stage}-{name}",
