@@ -331,3 +331,152 @@ def arm_setup_command(force) -> None:
         f"onnxruntime {runtime.onnxruntime} and numpy {runtime.numpy} "
         f"({runtime.disk_bytes / 1e6:.0f} MB on disk)"
     )
+
+
+# ---------------------------------------------------------------- devices and measuring
+
+MODE_CHOICE = click.Choice(["emulated-on-host", "emulated-arm", "measured-on-device"])
+
+
+def _token(token_file: str | None) -> str | None:
+    from edgecompress.measure.remote import read_token
+
+    return read_token(token_file) if token_file else None
+
+
+@cli.command("profiles")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per profile.")
+def profiles_command(as_json) -> None:
+    """List device profiles: built-in ones and yours in $EDGECOMPRESS_HOME/profiles."""
+    from edgecompress import list_profiles
+
+    for entry in list_profiles():
+        p = entry.profile
+        if as_json:
+            record = {"name": entry.name, "origin": entry.origin, "path": str(entry.path)}
+            _echo_json({**record, **(p.to_dict() if p else {"error": entry.error})})
+        elif p is None:
+            click.echo(f"{entry.name:16s} ({entry.origin}) broken: {entry.error}")
+        else:
+            click.echo(
+                f"{entry.name:16s} {p.stands_for}\n{'':16s} {p.threads} thread(s) on "
+                f"{p.cpu.cores} {p.cpu.core} core(s), RAM {p.budgets.ram_mb:g} MB "
+                f"(model {p.budgets.model_memory_mb:g} MB), storage {p.budgets.storage_kb:.0f} KB, "
+                f"calibration {p.calibration.source} x{p.calibration.latency_scale:g}, "
+                f"default mode {p.measure.default_mode}, {entry.origin}"
+                + (", latency table" if p.latency_table else "")
+            )
+
+
+@cli.command("measure")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--device", "-d", required=True, help="Profile name or a .yaml profile path.")
+@click.option("--mode", type=MODE_CHOICE, help="Measuring mode (default: the profile's).")
+@click.option("--remote", help="URL of an agent on the board, e.g. http://board:8765.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the agent's token.")
+@click.option("--no-cache", is_flag=True, help="Measure again even if cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def measure_command(model, device, mode, remote, token_file, no_cache, as_json) -> None:
+    """Latency, peak memory and size of MODEL (.onnx) on a device profile, with provenance."""
+    from edgecompress import measure
+
+    m = measure(model, device, mode=mode, remote=remote, token=_token(token_file), use_cache=not no_cache)
+    if as_json:
+        _echo_json(m.to_dict())
+        return
+    scale = "" if m.latency_scale == 1.0 else f" x{m.latency_scale:g}"
+    click.echo(f"{m.model} on {m.device} ({m.mode}, calibration {m.calibration}{scale})")
+    if m.latency is None:
+        click.echo("  latency  not measured: exceeds the device's memory")
+    else:
+        s, raw = m.latency, m.raw
+        host = f" [as timed: {m.statistic} {raw.pick(m.statistic):.3f} ms]" if raw and scale else ""
+        click.echo(
+            f"  latency  {m.statistic} {m.latency_ms:.3f} ms (p90 {s.p90:.3f}, mean {s.mean:.3f}, "
+            f"min {s.min:.3f}, max {s.max:.3f}, cv {100 * s.cv:.1f}%){host}"
+        )
+    peak = "-" if m.peak_memory_mb is None else f"{m.peak_memory_mb:.1f} MB"
+    click.echo(
+        f"  memory   peak {peak} of {m.memory_budget_mb:g} MB budget: "
+        + ("fits" if m.fits_memory else "EXCEEDS")
+    )
+    click.echo(
+        f"  size     {m.file_kb:.1f} KB of {m.storage_budget_kb:g} KB budget: "
+        + ("fits" if m.fits_storage else "EXCEEDS")
+    )
+    click.echo(
+        f"  runtime  onnxruntime {m.ort_version} {m.provider} on {m.machine}, {m.intra_op_threads} "
+        f"thread(s) on {m.cores_used} of {m.cores_requested} core(s), {m.warmup} warm-up + "
+        f"{m.repeats} repeats" + (", cached" if m.cached else "")
+    )
+    for note in m.notes:
+        click.echo(f"  note: {note}")
+
+
+@cli.command("agent")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8765, show_default=True, help="Port (0 picks a free one).")
+@click.option("--token-file", required=True, type=click.Path(dir_okay=False), help="File with the token.")
+@click.option("--max-upload-mb", default=64.0, show_default=True, help="Largest upload accepted.")
+@click.option("--request-timeout", default=30.0, show_default=True, help="Seconds for one request.")
+@click.option("--measure-timeout", default=600.0, show_default=True, help="Seconds for one measurement.")
+def agent_command(host, port, token_file, max_upload_mb, request_timeout, measure_timeout) -> None:
+    """Serve measurements on this board over HTTP (stdlib + numpy + onnxruntime)."""
+    from edgecompress import serve_agent
+    from edgecompress.errors import UsageError
+    from edgecompress.measure.agent import TokenError
+
+    try:
+        serve_agent(
+            host,
+            port,
+            token_file,
+            max_upload_mb=max_upload_mb,
+            request_timeout_s=request_timeout,
+            measure_timeout_s=measure_timeout,
+            ready=lambda url: click.echo(f"agent listening on {url} (Ctrl-C stops it)", err=True),
+        )
+    except TokenError as err:
+        raise UsageError(str(err)) from None
+
+
+@cli.command("profile")
+@click.option("--device", "-d", required=True, help="Profile name or a .yaml profile path.")
+@click.option("--remote", help="URL of an agent on the board; without it the suite runs here.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the agent's token.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Folder for the profile and table.")
+@click.option("--quick", is_flag=True, help="A small grid (seconds): for trying it out, not for use.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def profile_command(device, remote, token_file, out, quick, as_json) -> None:
+    """Time the reference suite on a device: calibration and per-layer latency table."""
+    from edgecompress import profile_device
+
+    progress, report = _progress()
+    with progress:
+        result = profile_device(
+            device, remote=remote, token=_token(token_file), out=out, quick=quick, progress=report
+        )
+    table, cal = result.table, result.profile.calibration
+    mape = table.mape
+    if as_json:
+        _echo_json(
+            {
+                "profile": str(result.profile_path),
+                "table": str(result.table_path),
+                "mode": result.mode,
+                "rows": len(table.rows),
+                "calibration": {"latency_scale": cal.latency_scale, "source": cal.source, "note": cal.note},
+                "mape_percent": mape,
+                "held_out": [c.__dict__ for c in table.held_out],
+            }
+        )
+        return
+    click.echo(f"wrote {result.profile_path} and {result.table_path} ({len(table.rows)} rows, {result.mode})")
+    click.echo(f"calibration: x{cal.latency_scale:g} ({cal.source}): {cal.note}")
+    if mape is not None:
+        click.echo(f"predictor error on {len(table.held_out)} held-out reference models: MAPE {mape:.1f}%")
+        for check in table.held_out:
+            click.echo(
+                f"  {check.name:22s} predicted {check.predicted_ms:.3f} ms, measured "
+                f"{check.measured_ms:.3f} ms ({100 * check.error:+.1f}%)"
+            )

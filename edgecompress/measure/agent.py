@@ -164,6 +164,8 @@ def _raw_response(status: int, body: dict[str, Any]) -> bytes:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: AgentServer
     server_version = f"{AGENT_NAME}/{PROTOCOL_VERSION}"
+    # Errors in a garbled request line are still answered with a status line and JSON.
+    default_request_version = "HTTP/1.0"
 
     # ------------------------------------------------------------ plumbing
 

@@ -1,0 +1,194 @@
+"""Measuring real ONNX files in the isolated worker: the record, the cache, memory limits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgecompress.errors import MeasureError, UsageError
+from edgecompress.measure import LAZY_MODES, Measurement, measure, mode_function
+from edgecompress.measure import cache as cache_module
+from edgecompress.measure.protocol import summarize
+from edgecompress.measure.reference import resnet
+from edgecompress.profiles import load_profile, profile_from_dict, write_profile
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("EDGECOMPRESS_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "small.onnx"
+    onnx.save(resnet((8, 16, 32), 1), str(path))
+    return path
+
+
+def _profile(tmp_path: Path, name: str = "tiny", **changes: dict) -> Path:
+    """A copy of the host profile with a few blocks changed, written as a user file."""
+    data = load_profile("host").to_dict()
+    data["name"] = name
+    data["protocol"] = {"warmup": 2, "repeats": 15, "statistic": "p50"}
+    for block, values in changes.items():
+        data[block] = {**data[block], **values}
+    path = tmp_path / f"{name}.yaml"
+    return write_profile(profile_from_dict(data, source=path), path)
+
+
+def test_measurement_record_fields(small_model: Path, tmp_path: Path) -> None:
+    m = measure(small_model, _profile(tmp_path))
+    assert isinstance(m, Measurement)
+    assert m.status == "ok" and m.mode == "emulated-on-host" and m.device == "tiny"
+    assert m.file_bytes == small_model.stat().st_size
+    assert len(m.sha256) == 64
+    s = m.latency
+    assert 0 < s.min <= s.p50 <= s.p90 <= s.max and s.min <= s.mean <= s.max and s.cv >= 0
+    assert m.latency_ms == s.p50 and m.statistic == "p50"
+    assert m.raw == s  # host: scale 1, measured calibration
+    assert (m.latency_scale, m.calibration) == (1.0, "measured")
+    assert m.peak_memory_mb is not None and 0 <= m.peak_memory_mb < 200
+    assert m.fits_memory and m.fits_storage and m.fits
+    import onnxruntime
+
+    assert m.ort_version == onnxruntime.__version__
+    assert m.provider == "CPUExecutionProvider"
+    assert m.intra_op_threads == 1 and m.cores_requested == 2
+    assert 1 <= m.cores_used <= len(os.sched_getaffinity(0))
+    assert (m.warmup, m.repeats) == (2, 15)
+    assert json.loads(json.dumps(m.to_dict()))["sha256"] == m.sha256
+    assert Measurement.from_dict(m.to_dict()) == m
+
+
+def test_declared_calibration_scales_and_says_so(small_model: Path, tmp_path: Path) -> None:
+    path = _profile(
+        tmp_path,
+        "board",
+        cpu={"arch": "aarch64", "core": "cortex-a53", "cores": 64},
+        session={"intra_op_threads": 64},
+        calibration={"latency_scale": 25.0, "source": "declared", "note": "estimate"},
+    )
+    m = measure(small_model, path)
+    assert m.latency.p50 == pytest.approx(25.0 * m.raw.p50)
+    assert m.latency.cv == pytest.approx(m.raw.cv)
+    assert m.calibration == "declared"
+    assert any("declared estimate" in n for n in m.notes)
+    host_cores = len(os.sched_getaffinity(0))
+    assert m.cores_requested == 64 and m.cores_used == host_cores
+    assert m.intra_op_threads == host_cores
+    assert any(f"ran on {host_cores} core(s): the profile asks for 64" in n for n in m.notes)
+
+
+def test_cache_hits_and_misses(small_model: Path, tmp_path: Path, home: Path) -> None:
+    profile = _profile(tmp_path)
+    first = measure(small_model, profile)
+    second = measure(small_model, profile)
+    assert not first.cached and second.cached
+    assert dataclasses.replace(second, cached=False) == first
+    lines = cache_module.cache_path().read_text().splitlines()
+    assert len(lines) == 1
+    # A copy of the same graph elsewhere is the same key (content, not path).
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(small_model.read_bytes())
+    third = measure(copy, profile)
+    assert third.cached and third.model == str(copy)
+    # Another protocol is another key; use_cache=False always measures and stores nothing.
+    other = _profile(tmp_path, "tiny2")
+    assert not measure(small_model, other).cached
+    assert not measure(small_model, profile, use_cache=False).cached
+    assert len(cache_module.cache_path().read_text().splitlines()) == 2
+    # A damaged line is skipped, not fatal.
+    with open(cache_module.cache_path(), "a") as f:
+        f.write("{not json\n")
+    assert measure(small_model, profile).cached
+
+
+def test_model_over_the_memory_budget_is_a_result(small_model: Path, tmp_path: Path) -> None:
+    profile = _profile(tmp_path, budgets={"ram_mb": 4096, "model_memory_mb": 0.01})
+    m = measure(small_model, profile)
+    assert m.status == "ok" and m.latency_ms is not None
+    assert not m.fits_memory and not m.fits
+    assert any("exceeds the device's memory" in n for n in m.notes)
+
+
+def test_model_beyond_the_address_space_cap_is_a_result(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)  # 64 MB
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4096])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    big = tmp_path / "big.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(big))
+    profile = _profile(tmp_path, budgets={"ram_mb": 16, "model_memory_mb": 8, "storage_kb": 1e6})
+    m = measure(big, profile)
+    assert m.status == "exceeds-memory"
+    assert m.latency is None and m.latency_ms is None and m.peak_memory_mb is None
+    assert not m.fits_memory
+    assert any("exceeds the device's memory" in n and "bad_alloc" in n for n in m.notes)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path: Path, small_model: Path) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a protobuf")
+    with pytest.raises(MeasureError, match="could not be measured"):
+        measure(garbage, "host")
+    with pytest.raises(MeasureError, match="does not exist"):
+        measure(tmp_path / "missing.onnx", "host")
+    with pytest.raises(UsageError, match="unknown measuring mode"):
+        measure(small_model, "host", mode="guess")
+    with pytest.raises(UsageError, match="needs a running agent"):
+        measure(small_model, "host", mode="measured-on-device")
+    with pytest.raises(UsageError, match="cannot be combined"):
+        measure(small_model, "host", mode="emulated-on-host", remote="http://127.0.0.1:1")
+
+
+def test_a_lazily_imported_mode_that_is_absent_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(LAZY_MODES, "elsewhere", "edgecompress.measure.not_installed:run")
+    with pytest.raises(MeasureError, match="not available"):
+        mode_function("elsewhere")
+    assert callable(mode_function("emulated-on-host"))
+
+
+def test_summarize_statistics() -> None:
+    stats = summarize([1_000_000, 2_000_000, 3_000_000, 4_000_000])
+    assert stats.p50 == pytest.approx(2.5) and stats.min == 1.0 and stats.max == 4.0
+    assert stats.mean == pytest.approx(2.5)
+    assert stats.cv == pytest.approx(np.std([1, 2, 3, 4]) / 2.5)
+    with pytest.raises(MeasureError):
+        summarize([])
+
+
+def test_int8_qdq_resnet20_is_faster_than_fp32_on_host(tmp_path: Path) -> None:
+    """Real timings of a real ResNet-20 export: the expected gap is ~2x (U8S8 on VNNI)."""
+    torch = pytest.importorskip("torch")
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from edgecompress.export import write_onnx
+    from edgecompress.measure.reference import to_qdq
+    from edgecompress.zoo.resnet_cifar import CifarResNet
+    from edgecompress.zoo.spec import cifar_imagenet_norm
+
+    torch.manual_seed(0)
+    fp32 = write_onnx(CifarResNet(20).eval(), cifar_imagenet_norm(), tmp_path / "resnet20.onnx")
+    folded = tmp_path / "resnet20-folded.onnx"
+    quant_pre_process(str(fp32), str(folded), skip_symbolic_shape=True)
+    int8 = tmp_path / "resnet20-int8.onnx"
+    profile = load_profile("host")
+    onnx.save(to_qdq(onnx.load(str(folded)), profile.int8_activations), str(int8))
+    m32 = measure(fp32, profile, use_cache=False)
+    m8 = measure(int8, profile, use_cache=False)
+    assert m8.file_bytes < m32.file_bytes / 3
+    assert m8.latency_ms * 1.3 < m32.latency_ms, (m8.latency_ms, m32.latency_ms)
+    assert m8.raw.min * 1.3 < m32.raw.min
