@@ -34,7 +34,14 @@ from edgecompress.measure.latency_table import (
 )
 from edgecompress.measure.layers import LayerKey
 from edgecompress.measure.protocol import job_for, summarize
-from edgecompress.measure.reference import layer_keys, layer_model, reference_cnns, to_qdq
+from edgecompress.measure.reference import (
+    STREAM_PROBE_LAYERS,
+    layer_keys,
+    layer_model,
+    reference_cnns,
+    stream_probe,
+    to_qdq,
+)
 from edgecompress.profiles import (
     DeviceProfile,
     load_profile,
@@ -46,6 +53,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, "float | None"], None]
 LAYER_REPEATS = 30  # per single-layer graph; the profiler's per-node times are averaged
+STREAM_REPEATS = 30
 BATCH_BYTES = 40 << 20  # per worker job / agent upload
 BATCH_MODELS = 150
 # Held out from the fit: the "-c" variants (widths and depths the fit never saw).
@@ -202,6 +210,44 @@ def time_references(
     return timings
 
 
+def time_streaming(
+    timer: _Timer, folder: Path, progress: Progress, quick: bool
+) -> tuple[tuple[float, float], ...]:
+    """(model weight MB, extra ms per MB of weights) from the streaming probe.
+
+    t(depth) = fixed + depth x per_layer(footprint): the two shallowest probes give the
+    fixed cost and the cached per-layer time; deeper ones what each MB then adds.
+    """
+    import onnx
+
+    channels = 64
+    layer_mb = channels * channels * 9 * 4 / 2**20
+    depths = (1, 2, 16, 128) if quick else STREAM_PROBE_LAYERS
+    files = []
+    for depth in depths:
+        path = folder / f"stream-{depth}.onnx"
+        onnx.save(stream_probe(depth, channels), str(path))
+        files.append((str(depth), path))
+    progress("timing weight streaming", 0.0)
+    by_id, _ = timer.run(files, node_times=False, repeats=STREAM_REPEATS)
+    progress("timing weight streaming", 1.0)
+    times = {}
+    for depth in depths:
+        result = by_id.get(str(depth), {})
+        if result.get("status") == "ok":
+            times[depth] = summarize(result["samples_ns"]).p50
+    if 1 not in times or 2 not in times:
+        return ()
+    hot = max(times[2] - times[1], 1e-6)
+    fixed = times[1] - hot
+    points = []
+    for depth, ms in sorted(times.items()):
+        if depth > 2:
+            per_layer = (ms - fixed) / depth
+            points.append((depth * layer_mb, max(0.0, (per_layer - hot) / layer_mb)))
+    return tuple(points)
+
+
 def build_references(profile: DeviceProfile, quick: bool) -> list[tuple[str, str, str, Any]]:
     """(name, family, precision, model): each reference CNN in fp32 and the fast int8."""
     out = []
@@ -286,6 +332,7 @@ def profile_device(
     with tempfile.TemporaryDirectory(prefix="edgecompress-profile-") as tmp:
         rows, info = time_rows(timer, keys, Path(tmp), progress)
         timings = time_references(timer, references, Path(tmp), progress, on_host_too=remote is not None)
+        streaming = time_streaming(timer, Path(tmp), progress, quick)
         arm_block = None
         if remote is not None:
             # emulated-arm's per-class cycle weights, fitted to the same board timings
@@ -327,6 +374,7 @@ def profile_device(
         channel_multiple=profile.kernels.channel_multiple,
         rows=tuple(sorted(rows.items(), key=lambda kv: dataclasses.astuple(kv[0]))),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        streaming=streaming,
     )
     table = fit_table(table, references, timings)
     table_name = f"{profile.name}.latency.json"

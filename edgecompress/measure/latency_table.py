@@ -5,14 +5,17 @@ weight and activation precision) to the milliseconds its kernels took on the dev
 timed alone with onnxruntime's profiler so that layout conversions at a lone layer's
 edges (NCHWc reorders, NHWC transposes) are left out. A model's latency is predicted as
 
-    ms = scale x (a x sum(rows of its layers) + b x layers + c)
+    ms = scale x (a x (sum(rows of its layers) + streaming) + b x layers + c)
 
-where (a, b, c) are fitted per precision family on reference models timed end to end:
-they carry what a sum of kernels misses (per-node dispatch, the session's fixed cost, the
-layout conversions a whole model does need). Between rows the table interpolates
-linearly in channels (after rounding up to the SIMD channel multiple) and in pixels,
-and extrapolates in proportion beyond its largest rows. Plain numpy and onnx, no
-session, no torch: the search calls `predict_latency` per candidate.
+where streaming is what fetching the weights from memory costs once they no longer fit
+the caches (measured with a probe of growing depth: a lone layer's weights stay cached
+between runs, a big model's do not), and (a, b, c) are fitted per precision family on
+reference models timed end to end: they carry what a sum of kernels misses (per-node
+dispatch, the session's fixed cost, the layout conversions a whole model does need).
+Between rows the table interpolates linearly in channels (after rounding up to the SIMD
+channel multiple) and in pixels, and extrapolates in proportion beyond its largest rows.
+Plain numpy and onnx, no session, no torch: the search calls `predict_latency` per
+candidate.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class LatencyTable:
     fits: dict[str, Fit] = field(default_factory=dict, hash=False)
     held_out: tuple[Check, ...] = ()  # models the fit never saw
     created: str = ""
+    # (total weight MB of a model, extra ms per MB of its weights): the streaming probe.
+    streaming: tuple[tuple[float, float], ...] = ()
 
     @property
     def mape(self) -> float | None:
@@ -108,6 +113,7 @@ class LatencyTable:
             "fits": {k: dataclasses.asdict(v) for k, v in self.fits.items()},
             "held_out": [dataclasses.asdict(c) for c in self.held_out],
             "mape_percent": self.mape,
+            "streaming": [list(p) for p in self.streaming],
             "rows": [{**dataclasses.asdict(k), "ms": ms} for k, ms in self.rows],
         }
 
@@ -135,6 +141,7 @@ class LatencyTable:
             fits={k: Fit(**v) for k, v in data.get("fits", {}).items()},
             held_out=tuple(Check(**c) for c in data.get("held_out", [])),
             created=data.get("created", ""),
+            streaming=tuple((float(a), float(b)) for a, b in data.get("streaming", [])),
         )
 
 
@@ -347,6 +354,27 @@ def _work(key: LayerKey) -> float:
 # ---------------------------------------------------------------- prediction
 
 
+_WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "uint8": 1, "int4": 0.5, "uint4": 0.5}
+
+
+def weight_mb(layers: Sequence[Layer]) -> float:
+    """Megabytes of weights the layers read per inference, in their stored precision."""
+    total = sum(layer.params * _WEIGHT_BYTES.get(layer.key.wprec, 4) for layer in layers)
+    return total / 2**20
+
+
+def streaming_ms(layers: Sequence[Layer], table: LatencyTable) -> float:
+    """What streaming the model's weights from memory adds, from the table's probe."""
+    if not table.streaming:
+        return 0.0
+    mb = weight_mb(layers)
+    points = sorted(table.streaming)
+    per_mb = _interp([p[0] for p in points], [p[1] for p in points], mb) if mb > points[0][0] else 0.0
+    if mb > points[-1][0]:
+        per_mb = points[-1][1]  # fully streamed: no more per MB beyond the probe
+    return max(per_mb, 0.0) * mb
+
+
 def family(layers: Sequence[Layer]) -> str:
     """fp32 or int8: which fit applies (int8 when any weighted layer runs in int8)."""
     weighted = [layer for layer in layers if layer.key.op in ("Conv", "Gemm", "MatMul")]
@@ -375,7 +403,7 @@ def explain_latency(model_or_path: Any, table: LatencyTable) -> Prediction:
             notes.append(note)
     name = family(layers)
     fit = table.fits.get(name) or table.fits.get("fp32") or Fit(1.0, 0.0, 0.0, 0)
-    total = sum(ms for _layer, ms in parts)
+    total = sum(ms for _layer, ms in parts) + streaming_ms(layers, table)
     predicted = max(fit.apply(total, len(layers)), 0.0)
     # Per-layer shares scaled so that they add up to the prediction.
     share = predicted / total if total > 0 else 0.0
@@ -423,7 +451,8 @@ def table_sum(model_or_path: Any, table: LatencyTable) -> tuple[float, int, str]
     """(sum of the rows of its layers, number of layers, family) in table units."""
     layers = describe(model_or_path)
     index = table._index
-    return sum(index.lookup(layer.key)[0] for layer in layers), len(layers), family(layers)
+    total = sum(index.lookup(layer.key)[0] for layer in layers) + streaming_ms(layers, table)
+    return total, len(layers), family(layers)
 
 
 def mape(checks: Sequence[Check]) -> float:

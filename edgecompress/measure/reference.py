@@ -10,6 +10,7 @@ QDQ, for the calibration ratio and for fitting and checking the predictor.
 from __future__ import annotations
 
 import itertools
+import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,12 +182,13 @@ def vgg(widths: tuple[int, ...], convs: int = 2, seed: int = 0) -> Any:
     return g.model(g.gemm(g.flatten(x), 10))
 
 
-def mobilenet(widths: tuple[int, ...], expansion: int = 6, seed: int = 0) -> Any:
-    """An inverted-residual network (MobileNetV2-like): one stride-2 block per stage."""
+def mobilenet(widths: tuple[int, ...], expansion: int = 6, blocks: int = 2, seed: int = 0) -> Any:
+    """An inverted-residual network (MobileNetV2-like): `blocks` per stage, the first of
+    each stage after the first with stride 2."""
     g = GraphBuilder(f"mobilenet_{'x'.join(map(str, widths))}", 3, 32, seed)
     x = g.conv("input", widths[0], act="relu6")
     for stage, width in enumerate(widths):
-        for block in range(2):
+        for block in range(blocks):
             cin = g.shapes[x][0]
             stride = 2 if stage > 0 and block == 0 else 1
             hidden = cin * expansion
@@ -198,33 +200,48 @@ def mobilenet(widths: tuple[int, ...], expansion: int = 6, seed: int = 0) -> Any
     return g.model(g.gemm(g.flatten(g.global_pool(x)), 10))
 
 
-@dataclass(frozen=True)
-class ReferenceModel:
-    name: str
-    family: str
-    precision: str  # fp32 | uint8 | int8 (activations of int8 QDQ)
-    model: Any
+def stream_probe(layers: int, channels: int = 64, size: int = 8) -> Any:
+    """A chain of `layers` identical 3x3 convolutions (64 channels at 8x8 by default).
+
+    Timed at growing depth it shows what a layer costs once the model's weights no
+    longer fit the caches a lone layer enjoys (L2, then the last level, then memory).
+    """
+    g = GraphBuilder(f"stream_{layers}x{channels}", channels, size)
+    x = "input"
+    for _ in range(layers):
+        x = g.conv(x, channels)
+    return g.model(x)
+
+
+# Depths of the streaming probe: 0.14 MB to 64 MB of fp32 weights at 64 channels.
+STREAM_PROBE_LAYERS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 448)
 
 
 def reference_cnns(channel_multiple: int, quick: bool = False) -> list[tuple[str, str, Any]]:
-    """(name, family, fp32 model) for the reference suite, widths in channel multiples."""
+    """(name, family, fp32 model) for the reference suite, widths in channel multiples.
+
+    Three families at several widths and depths (10 to 100 layers). The "-c" models are
+    held out of the predictor's fit to report its error on models it never saw.
+    """
     m = max(8, channel_multiple)
-    out = [
+    if quick:
+        return [
+            ("resnet8-a", "resnet", resnet((m, 2 * m, 4 * m), 1)),
+            ("vgg-a", "vgg", vgg((m, 2 * m, 4 * m, 8 * m))),
+            ("resnet8-c", "resnet", resnet((2 * m, 3 * m, 5 * m), 1)),
+        ]
+    return [
         ("resnet8-a", "resnet", resnet((m, 2 * m, 4 * m), 1)),
+        ("resnet32-a", "resnet", resnet((m, 2 * m, 3 * m), 5)),
         ("vgg-a", "vgg", vgg((m, 2 * m, 4 * m, 8 * m))),
         ("mobilenet-a", "mobilenet", mobilenet((m, 2 * m, 4 * m), expansion=4)),
-    ]
-    if quick:
-        return out
-    out += [
         ("resnet14-b", "resnet", resnet((2 * m, 4 * m, 8 * m), 2)),
-        ("resnet8-c", "resnet", resnet((3 * m, 5 * m, 10 * m), 1)),
         ("vgg-b", "vgg", vgg((2 * m, 4 * m, 8 * m, 16 * m, 16 * m))),
+        ("mobilenet-b", "mobilenet", mobilenet((m, 2 * m, 3 * m, 6 * m), blocks=3)),
+        ("resnet20-c", "resnet", resnet((3 * m // 2, 3 * m, 5 * m), 3)),
         ("vgg-c", "vgg", vgg((3 * m, 6 * m, 12 * m), convs=3)),
-        ("mobilenet-b", "mobilenet", mobilenet((m, 2 * m, 3 * m, 6 * m))),
         ("mobilenet-c", "mobilenet", mobilenet((2 * m, 3 * m, 4 * m), expansion=3)),
     ]
-    return out
 
 
 class _RandomReader:
@@ -244,19 +261,31 @@ def to_qdq(model: Any, activations: str) -> Any:
     Per-channel int8 weights; activations uint8 or int8, the signedness a profile marks
     fast. The values do not matter for timing, so calibration uses random inputs.
     """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(_RandomReader, CalibrationDataReader):
         pass
 
     dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the tool warns on the root logger about pre-processing
+    try:
+        return _quantize(model, dims, activations, Reader)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(model: Any, dims: list[int], activations: str, reader: Any) -> Any:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "qdq.onnx"
         _onnx().save(model, str(source))
         quantize_static(
             str(source),
             str(target),
-            Reader(tuple(dims)),
+            reader(tuple(dims)),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
