@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, "float | None"], None]
 
 RUN_FILE = "run.json"
+MAX_REPAIRS = 3
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,7 @@ class Run(Session):
             # After pruning, the pruned (fine-tuned) model teaches; else the given one does.
             pruned = "prune" in options.stages
             teacher = model.module if pruned else self.model.module
-            self.tune(compressed, teacher, None if pruned else options.classes, tag, options.finetune_lr / 10,
+            self.tune(compressed, teacher, None if pruned else options.classes, tag, options.qat_lr,
                       "fine-tuning the quantized model (QAT)")  # fmt: skip
         return compressed
 
@@ -365,6 +366,12 @@ class Run(Session):
         return figures, parity
 
     def finish(self, pruned: Any, stage1: StageRun | None, stage2: StageRun | None) -> Final:
+        """Fine-tune, export and verify the chosen model; repair it while it misses a budget.
+
+        Repair lowers stage 2's choices greedily; when none of them lowers the missed
+        figure (fewer bits do not run faster on int8 kernels), it prunes more instead and
+        fine-tunes the pruned model again. At most MAX_REPAIRS rounds.
+        """
         from edgecompress.search.repair import shrink
         from edgecompress.search.reward import all_met
         from edgecompress.search.stages import to_plan
@@ -373,10 +380,12 @@ class Run(Session):
         assert last is not None
         stage = last.stage
         decisions = dict(last.best["decisions"])
+        prune_decisions = stage1.best["decisions"] if stage1 is not None else None
         if stage2 is None:  # prune only: the pruned model ships at the stage's precision
             decisions = {"stage": "prune", "layers": decisions.get("layers", {})}
         template = dataclasses.replace(stage.template, classes=None) if stage1 is not None else stage.template
         groups = self.pruning_plan.groups if stage1 is not None else {}
+        budgets = self.options.budgets()
         path = self.out / "model.onnx"
         rounds = 0
         while True:
@@ -384,31 +393,45 @@ class Run(Session):
             compressed = self.compressed(pruned, layer_plan, "quantize" if rounds == 0 else f"repair{rounds}")
             plan = dataclasses.replace(layer_plan, groups=groups, classes=self.options.classes)
             figures, parity = self.export_and_verify(compressed, plan, path)
-            if all_met(self.options.budgets(), figures) or rounds >= 3 or stage2 is None:
+            if all_met(budgets, figures) or rounds >= MAX_REPAIRS:
                 break
-            # The re-measured model missed a budget: log it, shrink its plan, and try again.
             missed = {k: v for k, v in figures.items() if k != "measurement"}
             missed.update(id=f"verify-{rounds}", stage="repair", episode=-1, feasible=False)
             self.log.append({**missed, "decisions": decisions, "measurement": figures["measurement"]})
-            smaller = shrink(stage.env, stage.env.config_of(decisions), figures)
-            if smaller is None:
+            smaller = None
+            if stage2 is not None:
+                env = stage2.stage.env
+                smaller = shrink(env, env.config_of(decisions), figures, budgets)
+            if smaller is not None:
+                decisions, how = stage2.stage.env.decisions(smaller), "lowered its precision"
+            elif stage1 is not None:
+                env = stage1.stage.env
+                fewer = shrink(env, env.config_of(prune_decisions), figures, budgets)
+                if fewer is None:
+                    break
+                prune_decisions, how = env.decisions(fewer), "pruned more channels and fine-tuned again"
+                pruned = self.finetune_pruned(StageRun(stage1.stage, {"decisions": prune_decisions}, budgets))
+                groups = self.pruning_plan.groups
+            else:
                 break
             rounds += 1
             self.notes.append(
                 f"the searched model missed a budget when re-measured ({_brief(figures)}); repair round "
-                f"{rounds} lowered its precision greedily where the cost model said it buys the most"
+                f"{rounds} {how}, where the cost model said a step buys the most, and measured it again"
             )
-            decisions = stage.env.decisions(smaller)
         plan.save(self.out / "plan.json")
         # The configuration in the stage's own terms (stage 1's keeps its channel counts).
-        config = stage.env.config_of(decisions if stage2 is not None else last.best["decisions"])
-        layers = self.layer_rows(stage, plan, config, stage1)
+        config = stage.env.config_of(decisions if stage2 is not None else prune_decisions)
+        layers = self.layer_rows(stage, plan, config, stage1, pruned)
         return Final(path, plan, figures, parity, rounds, layers)
 
-    def layer_rows(self, stage: Any, plan: Any, config: Any, stage1: StageRun | None) -> list[dict]:
+    def layer_rows(
+        self, stage: Any, plan: Any, config: Any, stage1: StageRun | None, pruned: Any
+    ) -> list[dict]:
         """The per-layer table of the report: channels before/after, precision, latency share."""
-        from edgecompress.search.costs import layer_shape
+        from edgecompress.compress.api import analyze_model
 
+        after = {name: info.out_channels for name, info in analyze_model(pruned).layers.items()}
         env = stage.env
         shares = [env.cost.raw_layer_latency(i, config) for i in range(len(stage.structure.layers))]
         total = sum(shares) or 1.0
@@ -422,7 +445,7 @@ class Run(Session):
                 "name": layer.name,
                 "type": {"conv": "Conv", "dwconv": "Conv (depthwise)", "linear": "Linear"}[layer.op],
                 "channels_before": before.get(layer.name, layer.out_channels),
-                "channels_after": layer_shape(layer, config).out_channels,
+                "channels_after": after.get(layer.name, layer.out_channels),
                 "bits": bits,
                 "activation": f"int8 ({plan.activation_dtype})" if act == "int8" else "float",
                 "clusters": config.clusters[i],

@@ -42,6 +42,7 @@ class RunOptions:
     finetune_epochs: int = 1  # after each stage, with distillation from the given model
     finetune_images: int | None = None  # a fixed subset of the training split per fine-tune
     finetune_lr: float = 0.01
+    qat_lr: float = 1e-4  # the folded, quantized graph diverges at 1e-3 (compress/finetune.py)
     augment: bool = True  # random crops and flips while fine-tuning (off for digits: flips change them)
     torch_threads: int | None = None  # torch's threads during the run (None: as torch has it)
     heldout_images: int = 1000  # fixed held-out subset that scores candidates

@@ -13,18 +13,23 @@ from collections.abc import Mapping
 
 from edgecompress.search.costs import Config
 from edgecompress.search.env import SearchEnv
+from edgecompress.search.reward import Budgets
 
 HEADROOM = 0.03
 
 
-def shrink(env: SearchEnv, config: Config, measured: Mapping[str, float | None]) -> Config | None:
+def shrink(
+    env: SearchEnv, config: Config, measured: Mapping[str, float | None], budgets: Budgets | None = None
+) -> Config | None:
     """A smaller configuration whose predicted figures should meet every missed budget.
 
-    None when nothing is missed, or when the configuration is already at its floor.
+    None when nothing is missed, or when no step of this environment lowers a missed
+    figure (its floor, or choices that do not touch it: fewer bits on int8 kernels do
+    not run faster). `budgets` default to the environment's.
     """
     predicted = env.cost.predict(config)
     targets = {}
-    for key, limit in env.budgets.resources().items():
+    for key, limit in (budgets or env.budgets).resources().items():
         value = measured.get(key)
         if value is None or value > limit:
             ratio = limit / value if value else 0.5  # a model that did not fit: halve it
@@ -50,7 +55,7 @@ def shrink(env: SearchEnv, config: Config, measured: Mapping[str, float | None])
                 if gain > best_gain:
                     best, best_gain = trial, gain
         if best is None:
-            return None if current == config else current
+            return None
         current = best
 
 

@@ -1,4 +1,4 @@
-"""Scoring one candidate: plan -> apply -> BN recalibration -> export -> accuracy -> measure.
+"""Scoring one candidate: plan -> apply (with BN recalibration) -> export -> accuracy -> measure.
 
 `CandidateScorer` is the environments' scorer. Each heavy step is a callable it is
 given, so the pipeline wires in compress/, export, evaluate and measure, and a test can
@@ -16,15 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgecompress.search.record import Outcome
 
 log = logging.getLogger(__name__)
 
 ToPlan = Callable[[Mapping[str, Any]], Any]  # decisions -> CompressionPlan
 Apply = Callable[[Any, Any], Any]  # (torch module, plan) -> new torch module
-Recalibrate = Callable[[Any, np.ndarray], None]  # (module, uint8 images) -> None, in place
 Export = Callable[[Any, Any, Path], Path]  # (module, plan, path) -> written .onnx
 Accuracy = Callable[[Path], float]  # .onnx -> held-out top-1 (%)
 Measure = Callable[[Path], Any]  # .onnx -> edgecompress.measure.Measurement
@@ -71,8 +68,6 @@ class CandidateScorer:
     accuracy: Accuracy
     measure: Measure
     workdir: Path
-    recalibrate: Recalibrate | None = None
-    calibration_images: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -84,12 +79,9 @@ class CandidateScorer:
         return self.workdir / "candidate.onnx"
 
     def build(self, decisions: Mapping[str, Any]) -> tuple[Any, Any]:
-        """The plan and the compressed torch module of a candidate (BN recalibrated)."""
+        """The plan and the compressed model of a candidate (`apply` recalibrates BatchNorm)."""
         plan = self.to_plan(decisions)
-        module = self.apply(self.base, plan)
-        if self.recalibrate is not None and self.calibration_images is not None:
-            self.recalibrate(module, self.calibration_images)
-        return plan, module
+        return plan, self.apply(self.base, plan)
 
     def __call__(self, decisions: Mapping[str, Any], measure: bool = True) -> Outcome:
         started = time.perf_counter()

@@ -38,6 +38,31 @@ def _figures(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def stage_one_share(
+    budgets: Mapping[str, float], start: Mapping[str, Any], floor: Mapping[str, Any], reach: Mapping[str, Any]
+) -> dict[str, float]:
+    """Stage 1's part of each budget when stage 2 follows.
+
+    With S the model as stage 1 starts it, F its pruning floor and R the floor of both
+    stages (all measured), stage 1 can reduce a figure by S/F and stage 2 by about F/R
+    more. The reduction the budget B asks for, S/B, is split between them in the same
+    proportion in log terms: stage 1 aims at S / (S/B)^w with w = log(S/F) / log(S/R).
+    Stage 2 gets the whole budget if pruning cannot help (w = 0), stage 1 does if lower
+    precision cannot (w = 1). Latency is shared only when pruning alone cannot meet it:
+    whether lower precision runs faster depends on the device's kernels and the model's
+    size (the floors can mislead), while fewer bytes per weight are always fewer bytes.
+    """
+    share = {}
+    for key, budget in budgets.items():
+        s, f, r = start.get(key), floor.get(key), reach.get(key)
+        if not s or not f or not r or s <= budget or s <= r or (key == "latency_ms" and f <= budget):
+            share[key] = budget
+            continue
+        w = min(1.0, max(0.0, math.log(s / min(f, s)) / math.log(s / r)))
+        share[key] = max(budget, s / (s / budget) ** w)
+    return share
+
+
 @dataclass
 class StageRun:
     """A finished search stage: its environment (for plans and repair) and its best record."""
@@ -73,10 +98,10 @@ class Session:
         self.calibration = self.train.take(options.calibration_images, options.seed).x
         self.log = CandidateLog(out / CANDIDATES)
         self.table = None
-        if self.profile.latency_table:
-            from edgecompress.measure.latency_table import load_table
+        if self.profile.latency_table:  # written by `edgecompress profile` beside the profile
+            from edgecompress.measure.calibrate import load_latency_table
 
-            self.table = load_table(self.profile.latency_table)
+            self.table = load_latency_table(self.profile)
 
         def measure_file(path: Path, use_cache: bool = True) -> Any:
             return measure(path, self.profile, mode=options.mode, remote=options.remote, token=token,
@@ -236,14 +261,9 @@ class Session:
         env.calibrate(points, MIN_MARGINS)
         budgets = options.budgets()
         if "quantize" in options.stages and budgets.resources():
-            # Size and memory: leave stage 2 half (in log terms) of the reduction that lower
-            # precision measured at the floor. Latency is not relaxed: whether fewer bits
-            # run faster depends on the device's kernels (on int8 kernels they do not).
-            share = {}
-            for key, value in budgets.resources().items():
-                if key in ("size_kb", "memory_mb") and reach.get(key):
-                    share[key] = value * math.sqrt(max(1.0, (floor.get(key) or 0) / reach[key]))
-            budgets = dataclasses.replace(budgets, **share)
+            budgets = dataclasses.replace(
+                budgets, **stage_one_share(budgets.resources(), start, floor, reach)
+            )
             env.set_budgets(budgets)
         self.stage_budgets["prune"] = budgets.resources()
         for _, record in points:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,6 @@ class StageContext:
     classes: tuple[int, ...] | None = None
     seed: int = 0
     table: Any = None  # LatencyTable or None
-    extra_margins: dict[str, float] = field(default_factory=dict)
 
     @property
     def activation_dtype(self) -> str:

@@ -250,3 +250,23 @@ def test_resumed_search_replays_without_evaluating_and_ends_the_same(
     assert [r["digest"] for r in records] == [r["digest"] for r in full.records]
     assert resumed.best["digest"] == full.best["digest"]
     assert scorer.calls == len({r["digest"] for r in records[7:]} - {r["digest"] for r in records[:7]})
+
+
+def test_stage_one_takes_its_share_of_a_budget_in_log_terms() -> None:
+    from edgecompress.search.session import stage_one_share
+
+    start, floor, reach = {"size_kb": 400.0}, {"size_kb": 100.0}, {"size_kb": 25.0}
+    # pruning can do 4x, precision 4x more: a 4x budget is split evenly, 2x each
+    assert stage_one_share({"size_kb": 100.0}, start, floor, reach)["size_kb"] == pytest.approx(200.0)
+    # precision cannot help (reach == floor): stage 1 must meet the budget itself
+    assert stage_one_share({"size_kb": 100.0}, start, floor, floor)["size_kb"] == pytest.approx(100.0)
+    # pruning cannot help: stage 1 is left unconstrained (its start)
+    assert stage_one_share(
+        {"latency_ms": 5.0}, {"latency_ms": 8.0}, {"latency_ms": 8.0}, {"latency_ms": 4.0}
+    ) == {"latency_ms": pytest.approx(8.0)}
+    # latency is shared only when pruning alone cannot meet it
+    assert stage_one_share(
+        {"latency_ms": 6.0}, {"latency_ms": 8.0}, {"latency_ms": 5.0}, {"latency_ms": 2.0}
+    ) == {"latency_ms": 6.0}
+    # already met at the start: nothing to share
+    assert stage_one_share({"size_kb": 500.0}, start, floor, reach) == {"size_kb": 500.0}
