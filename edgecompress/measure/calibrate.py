@@ -220,8 +220,8 @@ def time_streaming(
     """
     import onnx
 
-    channels = 64
-    layer_mb = channels * channels * 9 * 4 / 2**20
+    channels = 256
+    layer_mb = channels * channels * 4 / 2**20
     depths = (1, 2, 16, 128) if quick else STREAM_PROBE_LAYERS
     files = []
     for depth in depths:

@@ -5,11 +5,11 @@ weight and activation precision) to the milliseconds its kernels took on the dev
 timed alone with onnxruntime's profiler so that layout conversions at a lone layer's
 edges (NCHWc reorders, NHWC transposes) are left out. A model's latency is predicted as
 
-    ms = scale x (a x (sum(rows of its layers) + streaming) + b x layers + c)
+    ms = scale x (sum(rows of its layers) + streaming + b x layers + c)
 
 where streaming is what fetching the weights from memory costs once they no longer fit
 the caches (measured with a probe of growing depth: a lone layer's weights stay cached
-between runs, a big model's do not), and (a, b, c) are fitted per precision family on
+between runs, a big model's do not), and (b, c) are fitted per precision family on
 reference models timed end to end: they carry what a sum of kernels misses (per-node
 dispatch, the session's fixed cost, the layout conversions a whole model does need).
 Between rows the table interpolates linearly in channels (after rounding up to the SIMD
@@ -24,7 +24,6 @@ import bisect
 import dataclasses
 import functools
 import json
-import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -427,23 +426,26 @@ def predict_latency(model_or_path: Any, table: LatencyTable | str | Path) -> flo
 
 
 def fit_family(sums: Sequence[float], counts: Sequence[int], measured: Sequence[float]) -> Fit:
-    """Least-squares (a, b, c) in relative error, kept physical: a > 0, and fewer
-    parameters when there are few models or the full fit goes unphysical."""
+    """Fit ms = sum + b x layers + c by least squares in relative error.
+
+    The rows are the layers' own kernel times, so their sum enters with weight 1 (a);
+    b is per-layer dispatch less what the profiler adds to each kernel's time, c the
+    session's fixed cost. Fitting a as well let timing noise in a few reference models
+    tilt every prediction, so a is fitted only when b and c cannot explain the models
+    (fewer than two models: c alone; one model: a alone).
+    """
     s = np.asarray(sums, float)
     n = np.asarray(counts, float)
     y = np.asarray(measured, float)
     weights = 1.0 / np.maximum(y, 1e-9)  # relative error: small models count as much
-    candidates = []
-    if len(y) >= 4:
-        candidates.append(np.column_stack([s, n, np.ones_like(s)]))
-    if len(y) >= 2:
-        candidates.append(np.column_stack([s, np.zeros_like(s), np.ones_like(s)]))
-    candidates.append(np.column_stack([s, np.zeros_like(s), np.zeros_like(s)]))
-    for design in candidates:
-        solution, *_ = np.linalg.lstsq(design * weights[:, None], y * weights, rcond=None)
-        a, b, c = (float(v) for v in solution)
-        if 0.3 <= a <= 3.0 and math.isfinite(b) and math.isfinite(c):
-            return Fit(a, b, c, len(y))
+    if len(y) >= 3:
+        design = np.column_stack([n, np.ones_like(n)])
+        (b, c), *_ = np.linalg.lstsq(design * weights[:, None], (y - s) * weights, rcond=None)
+        return Fit(1.0, float(b), float(c), len(y))
+    if len(y) == 2:
+        return Fit(1.0, 0.0, float(np.mean(y - s)), 2)
+    if len(y) == 1 and s[0] > 0:
+        return Fit(float(y[0] / s[0]), 0.0, 0.0, 1)
     return Fit(1.0, 0.0, 0.0, len(y))
 
 

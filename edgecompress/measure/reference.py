@@ -200,21 +200,22 @@ def mobilenet(widths: tuple[int, ...], expansion: int = 6, blocks: int = 2, seed
     return g.model(g.gemm(g.flatten(g.global_pool(x)), 10))
 
 
-def stream_probe(layers: int, channels: int = 64, size: int = 8) -> Any:
-    """A chain of `layers` identical 3x3 convolutions (64 channels at 8x8 by default).
+def stream_probe(layers: int, channels: int = 256) -> Any:
+    """A chain of 1x1 convolutions on a 1x1 map: weights and almost nothing else.
 
-    Timed at growing depth it shows what a layer costs once the model's weights no
-    longer fit the caches a lone layer enjoys (L2, then the last level, then memory).
+    Timed at growing depth it shows where a model's weights stop fitting the caches
+    (a lone layer's weights stay cached between runs; a big model's do not) and what
+    each megabyte then costs to stream from memory on every inference.
     """
-    g = GraphBuilder(f"stream_{layers}x{channels}", channels, size)
+    g = GraphBuilder(f"stream_{layers}x{channels}", channels, 1)
     x = "input"
     for _ in range(layers):
-        x = g.conv(x, channels)
+        x = g.conv(x, channels, kernel=1)
     return g.model(x)
 
 
-# Depths of the streaming probe: 0.14 MB to 64 MB of fp32 weights at 64 channels.
-STREAM_PROBE_LAYERS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 448)
+# Depths of the streaming probe: 0.25 MB to 64 MB of fp32 weights at 256 channels.
+STREAM_PROBE_LAYERS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def reference_cnns(channel_multiple: int, quick: bool = False) -> list[tuple[str, str, Any]]:
@@ -342,7 +343,7 @@ def _quantize_single(model: Any, key: LayerKey) -> Any:
     Activations enter as uint8/int8 through a DequantizeLinear and leave through a
     QuantizeLinear, exactly as between two int8 layers inside a model, so onnxruntime
     fuses what it would fuse there and nothing else runs. (An Add's second operand is
-    its own integer input here, not a Conv.)
+    a second integer input.)
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -361,10 +362,9 @@ def _quantize_single(model: Any, key: LayerKey) -> Any:
     main = [n for n in graph.node if n.op_type not in ("Relu", "Clip")] or list(graph.node)
     op_node = main[-1]
     inputs = ["input"] + (["input_b"] if key.op == "Add" else [])
-    fixed_inputs = []
-    for _i, name in enumerate(inputs):
-        nodes.append(helper.make_node("DequantizeLinear", [name, scale_name, zero_name], [f"{name}_f"]))
-        fixed_inputs.append(f"{name}_f")
+    fixed_inputs = [f"{name}_f" for name in inputs]
+    for name, fixed in zip(inputs, fixed_inputs, strict=True):
+        nodes.append(helper.make_node("DequantizeLinear", [name, scale_name, zero_name], [fixed]))
     op_inputs = list(fixed_inputs)
     if key.op in ("Conv", "Gemm"):
         weight = numpy_helper.to_array(inits[op_node.input[1]])

@@ -192,9 +192,10 @@ def test_fit_recovers_a_known_device() -> None:
     rng = np.random.default_rng(0)
     sums = rng.uniform(0.2, 5.0, 8)
     counts = rng.integers(10, 120, 8)
-    measured = 1.2 * sums + 0.003 * counts + 0.05
+    measured = sums + 0.003 * counts + 0.05
     fit = fit_family(sums, counts, measured)
-    assert (fit.a, fit.b, fit.c) == pytest.approx((1.2, 0.003, 0.05), rel=1e-6)
+    assert (fit.a, fit.b, fit.c) == pytest.approx((1.0, 0.003, 0.05), rel=1e-6)
+    assert fit_family([1.0, 2.0], [10, 20], [1.5, 2.5]).c == pytest.approx(0.5)
     assert fit_family([1.0], [10], [2.0]).a == pytest.approx(2.0)
 
 

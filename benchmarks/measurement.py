@@ -1,0 +1,230 @@
+"""Measurement benchmark (issue 3): repeatability of `measure` and the latency table's error.
+
+    python benchmarks/measurement.py [--runs 5] [--table PATH] [--devices host,embedded-arm]
+
+Builds ResNet-20/56, VGG-16-BN and MobileNetV2 (random weights: timing does not depend on
+them) at full and pruned widths (channel-sliced architectures, widths rounded to the
+host's channel multiple where the constructor allows), each as a plain fp32 export and as
+int8 QDQ (onnxruntime's quantize_static, the profile's fast activation signedness).
+
+1. Repeatability: each model measured `--runs` times on each device, every run a fresh
+   worker (use_cache=False), runs interleaved across models; the CV of the p50s.
+2. Table: `profile_device` on the host builds the per-layer table from its own
+   reference suite (none of these models is in it); each model's prediction is compared
+   with the median of its measured p50s. Target MAPE <= 10% (goal 5%).
+
+Writes the "measurement" section of RESULTS.md and key of results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import machine_description, write_section  # noqa: E402
+
+from edgecompress.export import write_onnx  # noqa: E402
+from edgecompress.measure import measure  # noqa: E402
+from edgecompress.measure.calibrate import profile_device  # noqa: E402
+from edgecompress.measure.latency_table import explain_latency, load_table  # noqa: E402
+from edgecompress.measure.reference import to_qdq  # noqa: E402
+from edgecompress.profiles import load_profile  # noqa: E402
+from edgecompress.zoo.mobilenetv2 import MobileNetV2  # noqa: E402
+from edgecompress.zoo.resnet_cifar import CifarResNet  # noqa: E402
+from edgecompress.zoo.spec import cifar_norm  # noqa: E402
+from edgecompress.zoo.vgg import VGG, VGG16_CONFIG  # noqa: E402
+
+PRUNED_VGG = tuple(c if c == "M" else max(16, int(c) // 2) for c in VGG16_CONFIG)
+ARCHITECTURES = {
+    "resnet20": lambda: CifarResNet(20),
+    "resnet20 pruned (16,32,48)": lambda: CifarResNet(20, widths=(16, 32, 48)),
+    "resnet56": lambda: CifarResNet(56),
+    "resnet56 pruned (16,16,32)": lambda: CifarResNet(56, widths=(16, 16, 32)),
+    "vgg16_bn": lambda: VGG(),
+    "vgg16_bn pruned 50%": lambda: VGG(PRUNED_VGG),
+    "mobilenetv2": lambda: MobileNetV2(),
+    "mobilenetv2 pruned (x0.5)": lambda: MobileNetV2(width_mult=0.5),
+}
+
+
+def _load() -> str:
+    one, five, _fifteen = os.getloadavg()
+    return f"{one:.2f}/{five:.2f}"
+
+
+def build_models(folder: Path, activations: str) -> list[tuple[str, str, Path]]:
+    """(name, precision, path) for every architecture in fp32 and int8 QDQ."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    torch.manual_seed(0)
+    out = []
+    for name, make in ARCHITECTURES.items():
+        stem = name.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "-").replace("%", "")
+        fp32 = write_onnx(make().eval(), cifar_norm(), folder / f"{stem}.onnx")
+        folded = folder / f"{stem}-folded.onnx"
+        quant_pre_process(str(fp32), str(folded), skip_symbolic_shape=True)
+        int8 = folder / f"{stem}-{activations}.onnx"
+        onnx.save(to_qdq(onnx.load(str(folded)), activations), str(int8))
+        out += [(name, "fp32", fp32), (name, f"int8 {activations}", int8)]
+        print(f"built {name}", flush=True)
+    return out
+
+
+def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -> dict:
+    """p50s of `runs` fresh-worker measurements per model, interleaved across models."""
+    p50s: dict[tuple[str, str], list[float]] = {(n, p): [] for n, p, _ in models}
+    raw: dict[tuple[str, str], list[float]] = {(n, p): [] for n, p, _ in models}
+    last = {}
+    for run in range(runs):
+        for name, precision, path in models:
+            m = measure(path, device, use_cache=False)
+            p50s[(name, precision)].append(m.latency_ms)
+            raw[(name, precision)].append(m.raw.p50)
+            last[(name, precision)] = m
+        print(f"{device}: run {run + 1}/{runs} done (load {_load()})", flush=True)
+    return {"p50s": p50s, "raw": raw, "last": last}
+
+
+def cv(values: list[float]) -> float:
+    return float(np.std(values) / np.mean(values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--devices", default="host,embedded-arm")
+    parser.add_argument("--table", help="Use this latency table instead of profiling the host.")
+    args = parser.parse_args()
+    host = load_profile("host")
+    start = time.time()
+    loads = [_load()]
+    with tempfile.TemporaryDirectory(prefix="edgecompress-bench-") as tmp:
+        folder = Path(tmp)
+        os.environ["EDGECOMPRESS_HOME"] = str(folder / "home")  # a clean cache
+        models = build_models(folder, host.int8_activations)
+        if args.table:
+            table, table_cmd = load_table(args.table), f"--table {args.table}"
+        else:
+            print("profiling the host (full reference suite) ...", flush=True)
+            result = profile_device("host", out=folder / "profile")
+            table, table_cmd = result.table, "profile_device('host')"
+        loads.append(_load())
+        results = {d: repeatability(models, d, args.runs) for d in args.devices.split(",")}
+        loads.append(_load())
+        data_rows = []
+        for name, precision, path in models:
+            key = (name, precision)
+            host_p50s = results["host"]["p50s"][key]
+            measured = statistics.median(host_p50s)
+            prediction = explain_latency(path, table)
+            predicted = prediction.ms / table.latency_scale * host.calibration.latency_scale
+            error = (predicted - measured) / measured
+            row = {
+                "model": name,
+                "precision": precision,
+                "kib": round(path.stat().st_size / 1024, 1),
+                "host_p50_ms": round(measured, 4),
+                "host_p50_runs": [round(v, 4) for v in host_p50s],
+                "host_cv_percent": round(100 * cv(host_p50s), 2),
+                "predicted_ms": round(predicted, 4),
+                "error_percent": round(100 * error, 1),
+                "approximations": list(prediction.approximations),
+            }
+            for device in results:
+                if device == "host":
+                    continue
+                values = results[device]["p50s"][key]
+                m = results[device]["last"][key]
+                row[device] = {
+                    "p50_ms": round(statistics.median(values), 3),
+                    "cv_percent": round(100 * cv(values), 2),
+                    "raw_cv_percent": round(100 * cv(results[device]["raw"][key]), 2),
+                    "mode": m.mode,
+                    "calibration": m.calibration,
+                    "latency_scale": m.latency_scale,
+                    "threads": m.intra_op_threads,
+                    "cores_used": m.cores_used,
+                    "fits": m.fits,
+                }
+            data_rows.append(row)
+        fp32 = [abs(r["error_percent"]) for r in data_rows if r["precision"] == "fp32"]
+        int8 = [abs(r["error_percent"]) for r in data_rows if r["precision"] != "fp32"]
+        mape_all = float(np.mean(fp32 + int8))
+        worst_cv = max(r["host_cv_percent"] for r in data_rows)
+        others = [d for d in results if d != "host"]
+        header = "| model | precision | KiB | host p50 ms (median of runs) | CV of p50 | table prediction ms "
+        header += "| error |"
+        header += "".join(f" {d} p50 ms (CV) |" for d in others)
+        lines = [header, "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(others)]
+        for r in data_rows:
+            line = (
+                f"| {r['model']} | {r['precision']} | {r['kib']:.0f} | {r['host_p50_ms']:.3f} | "
+                f"{r['host_cv_percent']:.1f}% | {r['predicted_ms']:.3f} | {r['error_percent']:+.1f}% |"
+            )
+            line += "".join(f" {r[d]['p50_ms']:.2f} ({r[d]['cv_percent']:.1f}%) |" for d in others)
+            lines.append(line)
+        verdict_cv = "met" if worst_cv <= 3 else "MISSED"
+        verdict_mape = "met" if mape_all <= 10 else "MISSED"
+        lines += [
+            "",
+            f"- Repeatability on host: worst CV of p50 over {args.runs} fresh-worker runs "
+            f"{worst_cv:.1f}% (target <= 3%: {verdict_cv}); median CV "
+            f"{statistics.median(r['host_cv_percent'] for r in data_rows):.1f}%.",
+            f"- Table prediction on these models (none in the table's suite): MAPE "
+            f"{mape_all:.1f}% (fp32 {np.mean(fp32):.1f}%, int8 {np.mean(int8):.1f}%; target <= 10%: "
+            f"{verdict_mape}; goal 5%). Held-out reference models inside `profile`: MAPE "
+            f"{table.mape:.1f}%.",
+            f"- Load average (1/5 min) at start, after profiling, at the end: {', '.join(loads)}. "
+            "Other workers shared the machine's two cores during the run; that noise is in the CVs.",
+        ]
+        for d in others:
+            p = load_profile(d)
+            lines.append(
+                f"- {d}: emulated-on-host, host p50 x {p.calibration.latency_scale:g} "
+                f"({p.calibration.source}: an estimate, not a board measurement), "
+                f"{p.threads} threads asked, run on up to {len(os.sched_getaffinity(0))} host cores."
+            )
+        ort_version = next(iter(results["host"]["last"].values())).ort_version
+        intro = (
+            f"Command: `python benchmarks/measurement.py --runs {args.runs} --devices {args.devices}`. "
+            f"Machine: {machine_description()}, onnxruntime {ort_version}. "
+            "Random weights (timing does not depend on them); batch 1; host profile: 1 thread, "
+            f"{host.protocol.warmup} warm-up + {host.protocol.repeats} repeats per run. "
+            f"Table: {table_cmd}, {len(table.rows)} rows, fitted on reference CNNs built with onnx.helper. "
+            f"Took {time.time() - start:.0f} s."
+        )
+        write_section(
+            "measurement",
+            "Measurement: repeatability and per-layer table error (issue 3)",
+            intro,
+            lines,
+            {
+                "command": f"python benchmarks/measurement.py --runs {args.runs} --devices {args.devices}",
+                "machine": machine_description(),
+                "runs": args.runs,
+                "load_average": loads,
+                "worst_host_cv_percent": worst_cv,
+                "mape_percent": mape_all,
+                "mape_fp32_percent": float(np.mean(fp32)),
+                "mape_int8_percent": float(np.mean(int8)),
+                "reference_held_out_mape_percent": table.mape,
+                "table_rows": len(table.rows),
+                "table_fits": {k: vars(v) for k, v in table.fits.items()},
+                "rows": data_rows,
+            },
+        )
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
