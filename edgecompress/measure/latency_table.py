@@ -209,33 +209,62 @@ def _pad(channels: int, multiple: int) -> int:
     return -(-channels // multiple) * multiple
 
 
+Curve = tuple[list[float], list[float]]  # xs ascending, ys
+
+
+def _curve(points: list[tuple[float, float]]) -> Curve:
+    """Sorted by x; repeated x averaged."""
+    grouped: dict[float, list[float]] = defaultdict(list)
+    for x, y in points:
+        grouped[float(x)].append(y)
+    xs = sorted(grouped)
+    return xs, [sum(grouped[x]) / len(grouped[x]) for x in xs]
+
+
+def _at(curve: Curve, x: float) -> float:
+    return _interp(curve[0], curve[1], x)
+
+
+def _rows_at(rows: dict[float, Curve], x: float, y: float) -> float:
+    """Interpolate in x between row curves, each evaluated at y."""
+    return _interp_rows({k: functools.partial(_at, curve, y) for k, curve in rows.items()}, x)
+
+
 class _Index:
-    """Rows grouped for interpolation; built once per table."""
+    """Rows grouped into interpolation curves; built once per table."""
 
     def __init__(self, rows: Sequence[tuple[LayerKey, float]], multiple: int) -> None:
         self.multiple = multiple
-        # dense conv: (wprec, aprec, kernel, stride) -> size -> cin -> [(cout, ms)]
-        self.dense: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-        # depthwise conv: (wprec, aprec, kernel, stride) -> size -> [(c, ms)]
-        self.depthwise: dict = defaultdict(lambda: defaultdict(list))
-        # gemm: (wprec, aprec) -> cin -> [(cout, ms)]
-        self.gemm: dict = defaultdict(lambda: defaultdict(list))
-        # others: (op, aprec, kernel, stride) -> [(elements, ms)]
-        self.other: dict = defaultdict(list)
+        dense: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+        depthwise: dict = defaultdict(lambda: defaultdict(list))
+        gemm: dict = defaultdict(lambda: defaultdict(list))
+        other: dict = defaultdict(list)
         for key, ms in rows:
             if key.op == "Conv" and key.depthwise:
-                self.depthwise[(key.wprec, key.aprec, key.kernel, key.stride)][key.size].append((key.cin, ms))
+                depthwise[(key.wprec, key.aprec, key.kernel, key.stride)][key.size].append((key.cin, ms))
             elif key.op == "Conv":
-                self.dense[(key.wprec, key.aprec, key.kernel, key.stride)][key.size][key.cin].append(
-                    (key.cout, ms)
-                )
+                category = (key.wprec, key.aprec, key.kernel, key.stride)
+                dense[category][key.size][key.cin].append((key.cout, ms))
             elif key.op in ("Gemm", "MatMul"):
-                self.gemm[(key.wprec, key.aprec)][key.cin].append((key.cout, ms))
+                gemm[(key.wprec, key.aprec)][key.cin].append((key.cout, ms))
             else:
-                self.other[(key.op, key.aprec, key.kernel, key.stride)].append((key.elements, ms))
-        for table in (self.other,):
-            for k in table:
-                table[k] = _collapse(table[k])
+                other[(key.op, key.aprec, key.kernel, key.stride)].append((key.elements, ms))
+        # dense conv: (wprec, aprec, kernel, stride) -> pixels -> cin -> curve over cout
+        self.dense = {
+            cat: {
+                float(size * size): {float(c): _curve(p) for c, p in by_cin.items()}
+                for size, by_cin in v.items()
+            }
+            for cat, v in dense.items()
+        }
+        # depthwise conv: (wprec, aprec, kernel, stride) -> pixels -> curve over channels
+        self.depthwise = {
+            cat: {float(size * size): _curve(p) for size, p in v.items()} for cat, v in depthwise.items()
+        }
+        # gemm: (wprec, aprec) -> cin -> curve over cout
+        self.gemm = {cat: {float(c): _curve(p) for c, p in v.items()} for cat, v in gemm.items()}
+        # others: (op, aprec, kernel, stride) -> curve over elements
+        self.other = {cat: _curve(p) for cat, p in other.items()}
 
     # Each lookup returns (ms, note) where note says what was approximated, or None.
 
@@ -246,104 +275,74 @@ class _Index:
             return self._gemm(key)
         return self._other(key)
 
-    def _precision_options(self, table: dict, key: LayerKey, extra: tuple = ()) -> list:
+    def _category(self, table: dict, key: LayerKey, extra: tuple = ()) -> tuple[tuple, str | None] | None:
+        """The precision category to use: the key's own, else the nearest one, said."""
         wanted = (key.wprec, key.aprec, *extra)
         if wanted in table:
-            return [(wanted, None)]
+            return wanted, None
         quantized = key.aprec != "fp32"
         candidates = [k for k in table if (k[1] != "fp32") == quantized and k[2:] == extra]
+        candidates = candidates or [k for k in table if k[2:] == extra]
         if not candidates:
-            candidates = [k for k in table if k[2:] == extra]
-        note = f"{key.op} {key.wprec}/{key.aprec} not in the table; used {{}}"
-        return [(k, note.format(f"{k[0]}/{k[1]}")) for k in candidates[:1]]
+            return None
+        k = candidates[0]
+        return k, f"{key.op} {key.wprec}/{key.aprec} not in the table; used {k[0]}/{k[1]}"
 
     def _conv(self, key: LayerKey) -> tuple[float, str | None]:
         table = self.depthwise if key.depthwise else self.dense
-        exact = self._precision_options(table, key, (key.kernel, key.stride))
-        if exact:
-            (wprec, aprec, *_), note = exact[0]
-            return self._conv_at(table, (wprec, aprec, key.kernel, key.stride), key), note
+        found = self._category(table, key, (key.kernel, key.stride))
+        if found is not None:
+            category, note = found
+            return self._conv_at(table[category], key), note
         # Another kernel or stride: the nearest shape this table has, scaled by work.
         shapes = [k for k in table if (k[1] != "fp32") == (key.aprec != "fp32")] or list(table)
         if not shapes:
             return self._unknown(key)
         best = min(shapes, key=lambda k: (abs(k[2] - key.kernel), abs(k[3] - key.stride)))
         proxy = dataclasses.replace(key, kernel=best[2], stride=best[3])
-        ms = self._conv_at(table, best, proxy) * _work(key) / _work(proxy)
+        ms = self._conv_at(table[best], proxy) * _work(key) / _work(proxy)
         return ms, f"Conv k{key.kernel}/s{key.stride} scaled from k{best[2]}/s{best[3]} rows"
 
-    def _conv_at(self, table: dict, category: tuple, key: LayerKey) -> float:
-        by_size = table[category]
-        multiple = self.multiple
-        cin, cout = _pad(key.cin, multiple), _pad(key.cout, multiple)
+    def _conv_at(self, by_pixels: dict, key: LayerKey) -> float:
+        pixels = float(key.size * key.size)
         if key.depthwise:
-
-            def at_size(size: int) -> Callable[[], float]:
-                points = _collapse(by_size[size])
-                return lambda: _interp([p[0] for p in points], [p[1] for p in points], cin)
-
-        else:
-            groups = max(1, key.groups)
-            cin, cout = _pad(key.cin // groups, multiple), _pad(key.cout // groups, multiple)
-
-            def at_size(size: int) -> Callable[[], float]:
-                def value() -> float:
-                    rows = {}
-                    for c, points in by_size[size].items():
-                        pts = _collapse(points)
-                        rows[c] = functools.partial(_interp, [p[0] for p in pts], [p[1] for p in pts], cout)
-                    return _interp_rows(rows, cin) * groups
-
-                return value
-
-        rows = {float(size * size): at_size(size) for size in by_size}
-        return _interp_rows(rows, float(key.size * key.size))
+            c = _pad(key.cin, self.multiple)
+            return _interp_rows(
+                {px: functools.partial(_at, curve, c) for px, curve in by_pixels.items()}, pixels
+            )
+        groups = max(1, key.groups)
+        cin, cout = _pad(key.cin // groups, self.multiple), _pad(key.cout // groups, self.multiple)
+        per_size = {px: functools.partial(_rows_at, rows, cin, cout) for px, rows in by_pixels.items()}
+        return _interp_rows(per_size, pixels) * groups
 
     def _gemm(self, key: LayerKey) -> tuple[float, str | None]:
-        options = self._precision_options(self.gemm, key)
-        if not options:
+        found = self._category(self.gemm, key)
+        if found is None:
             return self._unknown(key)
-        category, note = options[0]
-        by_cin = self.gemm[category]
-        rows = {}
-        for c, points in by_cin.items():
-            pts = _collapse(points)
-            rows[float(c)] = functools.partial(
-                _interp, [p[0] for p in pts], [p[1] for p in pts], float(key.cout)
-            )
+        category, note = found
         # Several rows (a MatMul over pixels) cost like that many single-row products.
-        return _interp_rows(rows, float(_pad(key.cin, self.multiple))) * key.size**2, note
+        ms = _rows_at(self.gemm[category], _pad(key.cin, self.multiple), key.cout)
+        return ms * key.size**2, note
 
     def _other(self, key: LayerKey) -> tuple[float, str | None]:
         wanted = (key.op, key.aprec, key.kernel, key.stride)
-        if wanted not in self.other:
-            same_op = [k for k in self.other if k[0] == key.op and k[1] == key.aprec]
-            same_op = same_op or [k for k in self.other if k[0] == key.op]
-            if same_op:
-                best = min(same_op, key=lambda k: (abs(k[2] - key.kernel), abs(k[3] - key.stride)))
-                points = self.other[best]
-                ms = _interp([p[0] for p in points], [p[1] for p in points], key.elements)
-                return ms, None if best[1] == key.aprec else f"{key.op} {key.aprec} from {best[1]}"
+        if wanted in self.other:
+            return _at(self.other[wanted], key.elements), None
+        same_op = [k for k in self.other if k[0] == key.op and k[1] == key.aprec]
+        same_op = same_op or [k for k in self.other if k[0] == key.op]
+        if not same_op:
             return self._unknown(key)
-        points = self.other[wanted]
-        return _interp([p[0] for p in points], [p[1] for p in points], key.elements), None
+        best = min(same_op, key=lambda k: (abs(k[2] - key.kernel), abs(k[3] - key.stride)))
+        note = None if best[1] == key.aprec else f"{key.op} {key.aprec} from {best[1]} rows"
+        return _at(self.other[best], key.elements), note
 
     def _unknown(self, key: LayerKey) -> tuple[float, str | None]:
         """An op the table lacks costs like an elementwise op over its tensor."""
         fallback = [k for k in self.other if k[0] == ELEMENTWISE_FALLBACK]
         if not fallback:
             return 0.0, f"{key.op}: no table row and no fallback; counted as 0"
-        points = self.other[fallback[0]]
-        ms = _interp([p[0] for p in points], [p[1] for p in points], key.elements)
+        ms = _at(self.other[fallback[0]], key.elements)
         return ms, f"{key.op} not in the table; costed as an elementwise op"
-
-
-def _collapse(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Sorted by x; repeated x averaged."""
-    grouped: dict[float, list[float]] = defaultdict(list)
-    for x, y in points:
-        grouped[x].append(y)
-    return [(x, float(np.mean(ys))) for x, ys in sorted(grouped.items())]
 
 
 def _work(key: LayerKey) -> float:

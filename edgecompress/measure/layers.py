@@ -10,6 +10,7 @@ Plain onnx and numpy, no onnxruntime session: the search calls it per candidate.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ FREE_OPS = {"Identity", "Dropout", "Constant"}
 FUSABLE_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid"}
 _DTYPE_NAMES = {1: "fp32", 2: "uint8", 3: "int8", 10: "fp16", 21: "uint4", 22: "int4"}
 _SMALL = 4096  # constants this small are evaluated to learn shapes (pads, slice bounds)
+_SHAPE_DTYPES = {6, 7}  # INT32, INT64
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,8 @@ def analyze(model: Any) -> GraphInfo:
     dtypes = {t.name: t.data_type for t in graph.initializer}
     values: dict[str, np.ndarray] = {}
     for t in graph.initializer:
-        if int(np.prod(t.dims)) <= _SMALL and not t.external_data:
+        # Only integer tensors can carry shapes (pads, slice bounds, reshape targets).
+        if t.data_type in _SHAPE_DTYPES and math.prod(t.dims) <= _SMALL and not t.external_data:
             values[t.name] = numpy_helper.to_array(t)
     constant = set(init_dims)
     shapes: dict[str, tuple] = {name: dims for name, dims in init_dims.items()}
@@ -272,7 +275,7 @@ def _spatial(shape: tuple | None) -> tuple[int, int]:
         return 1, 1
     dims = [d or 1 for d in shape]
     channels = dims[1] if len(dims) > 1 else dims[0]
-    pixels = int(np.prod(dims[2:])) if len(dims) > 2 else 1
+    pixels = math.prod(dims[2:]) if len(dims) > 2 else 1
     return int(channels), max(1, int(round(pixels**0.5)))
 
 
