@@ -401,7 +401,7 @@ def measure_command(model, device, mode, remote, token_file, no_cache, as_json) 
         + ("fits" if m.fits_memory else "EXCEEDS")
     )
     click.echo(
-        f"  size     {m.file_kb:.1f} KB of {m.storage_budget_kb:g} KB budget: "
+        f"  size     {m.file_kb:.1f} KB of {m.storage_budget_kb:.0f} KB budget: "
         + ("fits" if m.fits_storage else "EXCEEDS")
     )
     click.echo(

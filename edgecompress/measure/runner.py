@@ -209,6 +209,21 @@ def _current_rss_kb() -> int:
     return _proc_status_kb("VmRSS") or _peak_rss_kb()
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy_note(before: float | None, after: float | None, cores: int) -> list[str]:
+    """Say so when other work competed for the cores (timings then carry that noise)."""
+    loads = [x for x in (before, after) if x is not None]
+    if loads and max(loads) > cores:
+        return [f"the machine was busy: load average {max(loads):.1f} on {cores} core(s)"]
+    return []
+
+
 def _pin_cores(requested: int) -> tuple[int, int, str | None]:
     """Pin this process to `requested` cores (at most what it may use); say when fewer."""
     if not hasattr(os, "sched_setaffinity"):
@@ -374,6 +389,7 @@ def worker_main(job: dict[str, Any]) -> dict[str, Any]:
     notes = [core_note] if core_note else []
     if threads < job["intra_op_threads"]:
         notes.append(f"used {threads} intra-op thread(s) instead of {job['intra_op_threads']}")
+    load_before = _load_average()
     reset = _reset_peak_rss()
     baseline_kb = _current_rss_kb() if reset else _peak_rss_kb()
     cap_mb = _cap_address_space(job["address_space_mb"])
@@ -397,7 +413,8 @@ def worker_main(job: dict[str, Any]) -> dict[str, Any]:
         "baseline_rss_mb": baseline_kb / 1024,
         "address_space_cap_mb": cap_mb,
         "peak_reset": reset,
-        "notes": notes,
+        "notes": notes + _busy_note(load_before, _load_average(), cores_available),
+        "load_average": _load_average(),
         "results": results,
     }
 
