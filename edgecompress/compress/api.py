@@ -381,6 +381,13 @@ def compressed_onnx(model: LoadedModel, plan: CompressionPlan, metadata: dict[st
     return to_onnx_model(model.module, model.spec, metadata={**metadata, PLAN_KEY: plan.to_json()})
 
 
+def save_compressed(
+    model: LoadedModel, plan: CompressionPlan, out: str | Path, *, force: bool = True
+) -> Path:
+    """Write a model that `apply` returned (for `plan`) as a checked ONNX file; no data needed."""
+    return save_onnx(compressed_onnx(model, plan, {}), Path(out), force=force)
+
+
 def export_plan(
     model: LoadedModel | str,
     plan: CompressionPlan | str | Path,

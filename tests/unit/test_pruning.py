@@ -132,7 +132,8 @@ def test_ops_it_does_not_understand_pin_their_channels() -> None:
 
 @pytest.mark.parametrize(
     ("name", "ratios"),
-    [("resnet20", (0.25, 0.75)), ("resnet56", (0.5,)), ("vgg16_bn", (0.3, 0.6)), ("mobilenetv2", (0.3, 0.8)),
+    [("resnet20", (0.25, 0.75)), ("resnet32", (0.5,)), ("resnet44", (0.4,)), ("resnet56", (0.6,)),
+     ("resnet110", (0.5,)), ("vgg16_bn", (0.3, 0.6)), ("mobilenetv2", (0.3, 0.8)),
      ("small_cnn", (0.1, 0.5, 0.9))],
 )  # fmt: skip
 def test_every_zoo_model_prunes_runs_and_exports(name: str, ratios: tuple[float, ...], tmp_path) -> None:
