@@ -474,7 +474,9 @@ def profile_command(device, remote, token_file, out, quick, as_json) -> None:
     click.echo(f"wrote {result.profile_path} and {result.table_path} ({len(table.rows)} rows, {result.mode})")
     click.echo(f"calibration: x{cal.latency_scale:g} ({cal.source}): {cal.note}")
     if mape is not None:
-        click.echo(f"predictor error on {len(table.held_out)} held-out reference models: MAPE {mape:.1f}%")
+        units = "ms" if table.latency_scale == 1.0 else "ms as timed here, before the calibration"
+        count = len(table.held_out)
+        click.echo(f"predictor error on {count} held-out reference models: MAPE {mape:.1f}% ({units})")
         for check in table.held_out:
             click.echo(
                 f"  {check.name:22s} predicted {check.predicted_ms:.3f} ms, measured "
