@@ -52,7 +52,7 @@ def pareto_figure(
 ) -> bytes:
     """Held-out accuracy against measured latency and against file size, one panel each."""
     fig = _figure()
-    panels = (("latency_ms", "latency (ms, measured)"), ("size_kb", "file size (KB)"))
+    panels = (("latency_ms", "device latency (ms, per the measuring mode)"), ("size_kb", "file size (KB)"))
     for axis, (key, label) in zip(fig.subplots(1, 2), panels, strict=True):
         for stage, colour in STAGE_COLOURS.items():
             rows = [c for c in candidates if c.get("stage") == stage]

@@ -167,12 +167,18 @@ def _notes(result: Mapping[str, Any]) -> list[str]:
     calibration = profile.get("calibration") or {}
     measurement = (result.get("final") or {}).get("measurement") or {}
     if is_estimate(measurement):
+        device, mode = profile.get("name", "the device"), measurement.get("mode")
+        if mode == "emulated-on-host":
+            how = (
+                f"device ms = host ms x {calibration.get('latency_scale', '?')}, a declared scale "
+                f"({calibration.get('note', 'no note')})"
+            )
+        else:  # the mode says how it estimated (e.g. emulated-arm's cycle model)
+            how = "; ".join(str(n) for n in (measurement.get("notes") or [])[:2]) or "declared calibration"
         notes.append(
-            f"Latency and memory on {profile.get('name', 'the device')} are estimates: mode "
-            f"{measurement.get('mode')}, calibration declared "
-            f"(latency_scale {calibration.get('latency_scale', '?')}; "
-            f"{calibration.get('note', 'no note')}). Run `edgecompress profile` on the board "
-            "to replace them with measured figures."
+            f"Latency and memory on {device} are estimates, not measurements on the board: mode {mode}, "
+            f"{how}. Run `edgecompress profile --device {device} --remote URL` on a board to replace "
+            "the declared calibration with a measured one."
         )
     for note in result.get("notes") or []:
         notes.append(str(note))

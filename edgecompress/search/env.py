@@ -394,7 +394,6 @@ class QuantizationEnv(SearchEnv):
         self.bit_choices = tuple(sorted(bits))
         self.activation_choices = tuple(activations)
         self.cluster_choices = tuple(sorted(clusters)) + (None,) if clusters else None
-        self._cost_model = cost
         super().__init__(structure, cost, scorer, budgets, baseline, **kwargs)
 
     def _units(self) -> list[int]:
@@ -416,7 +415,7 @@ class QuantizationEnv(SearchEnv):
         """Activation precisions of a layer from the fastest (most reduced) to the slowest."""
         layer = self.structure.layers[unit]
         shape = layer_shape(layer, self.start)
-        cost = self._cost_model
+        cost = self.cost
         return tuple(
             sorted(
                 self.activation_choices,

@@ -236,7 +236,7 @@ class Session:
 
     def stage_one(self) -> StageRun:
         from edgecompress.compress.plan import LayerPlan
-        from edgecompress.search.stages import MIN_MARGINS, build_stage, start_config
+        from edgecompress.search.stages import build_stage, start_config
 
         ctx, options = self.ctx, self.options
         stage = build_stage(ctx, "prune", self.model, precision=self.precision, baseline={})
@@ -258,7 +258,7 @@ class Session:
             points += reached
             how += f", {min(options.bits)}-bit weights, {min(options.clusters or [0]) or 'no'} clusters"
         self.check_reachable(reach, how)
-        env.calibrate(points, MIN_MARGINS)
+        env.calibrate(points, self.min_margins())
         budgets = options.budgets()
         if "quantize" in options.stages and budgets.resources():
             budgets = dataclasses.replace(
@@ -272,6 +272,17 @@ class Session:
             stage, "stage 1/2: pruning search" if len(options.stages) > 1 else "pruning search"
         )
         return StageRun(stage, best, budgets)
+
+    def min_margins(self) -> dict[str, float]:
+        """The least headroom the wall keeps: measurement spread, or the latency table's
+        published error on its held-out reference models when the profile has a table."""
+        from edgecompress.search.stages import MIN_MARGINS
+
+        margins = dict(MIN_MARGINS)
+        mape = getattr(self.table, "mape", None)
+        if mape is not None:
+            margins["latency_ms"] = max(margins["latency_ms"], mape / 100.0)
+        return margins
 
     def reachable(self, stage: Any, smallest: Any) -> tuple[list[tuple[Any, dict[str, Any]]], dict[str, Any]]:
         """The smallest model with int8 and with float activations (which is faster depends
@@ -296,7 +307,7 @@ class Session:
 
     def stage_two(self, model: Any, after_pruning: bool) -> StageRun:
         from edgecompress.compress.plan import LayerPlan
-        from edgecompress.search.stages import MIN_MARGINS, build_stage, start_config
+        from edgecompress.search.stages import build_stage, start_config
 
         ctx = dataclasses.replace(self.ctx, classes=None) if after_pruning else self.ctx
         stage = build_stage(ctx, "quantize", model, precision=self.precision, baseline={})
@@ -317,7 +328,7 @@ class Session:
         points += reached
         if not after_pruning:
             self.check_reachable(reach, f"{min(self.options.bits)}-bit weights")
-        env.calibrate(points, MIN_MARGINS)
+        env.calibrate(points, self.min_margins())
         self.stage_budgets["quantize"] = env.budgets.resources()
         for _, record in points:
             self.compete(stage, record)

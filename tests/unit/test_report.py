@@ -92,7 +92,7 @@ def test_report_files_say_what_was_measured_and_how(tmp_path: Path) -> None:
     assert "| conv1 | Conv | 16 | 8 | 4 | uint8 | 16 | 12.5% |" in md
     assert "emulated-on-host, calibration declared (estimate)" in md
     assert "| latency | 3 ms | 2.5 ms | met |" in md
-    assert "latency_scale 6.5" in md  # the declared estimate is named, with its number
+    assert "host ms x 6.5, a declared scale" in md  # the declared estimate is named, with its number
     page = files.html.read_text()
     assert page.count("<svg") == 1 and "http://" not in page.split("<svg")[0]
     assert "<script" not in page and 'src="http' not in page  # self-contained
