@@ -270,6 +270,11 @@ def demo(out, force) -> None:
 @click.option("--device", "-d", help="Device profile name or YAML file (default: host).")
 @click.option("--remote", help="URL of an edgecompress agent on the board: measure there.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the agent's token.")
+@click.option(
+    "--mode",
+    type=click.Choice(["emulated-on-host", "emulated-arm", "measured-on-device"]),
+    help="Measuring mode (default: the profile's; measured-on-device with --remote).",
+)
 @click.option("--latency-ms", type=float, help="Latency budget on the device (ms, p50, batch 1).")
 @click.option("--memory-mb", type=float, help="Peak memory budget on the device (MB).")
 @click.option("--size-kb", type=float, help="File size budget of model.onnx (KB).")
