@@ -9,7 +9,8 @@ Routes: GET /health (no token), GET /info, POST /measure (one .onnx body, or a z
 several for `edgecompress profile`). Every route but /health needs
 `Authorization: Bearer TOKEN`, compared in constant time. The job (cores, threads,
 protocol) travels as JSON in the X-Edgecompress-Job header and is validated like any
-other untrusted input. One measurement runs at a time; a second gets 503 with
+other untrusted input. One measurement runs at a time (its upload included, so a
+slow uploader holds the slot at most for the request timeout); a second gets 503 with
 Retry-After, which the client turns into a queue. Uploads are capped, the whole request
 has a deadline, the measurement has a timeout, and every failure becomes a JSON error:
 a malformed, hostile or slow request never takes the agent down. Plain HTTP: the token

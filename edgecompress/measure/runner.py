@@ -109,7 +109,7 @@ def run_job(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     validate_job(job)
     # The file is run directly, not with -m, so the worker needs neither an installed
     # package nor anything beyond numpy and onnxruntime (a board has only those).
-    cmd = [sys.executable, "-s", str(Path(__file__).resolve())]
+    cmd = [sys.executable, str(Path(__file__).resolve())]
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
