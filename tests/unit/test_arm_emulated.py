@@ -253,3 +253,19 @@ def test_board_timings_calibrate_the_cycle_weights(fp32_model: Path, int8_model:
     for count, ms in zip(counts, timings, strict=True):
         assert fitted.estimate(count.by_class, count.bytes_touched).ms == pytest.approx(ms, rel=0.02)
     assert cycle_model_for(profile).source == "declared"  # the built-in profile is untouched
+
+
+@needs_setup
+def test_guest_clock_is_virtual_so_time_based_code_is_deterministic(tmp_path: Path) -> None:
+    # onnxruntime rate-limits some work by wall time; under the plugin the main thread's
+    # clock advances by executed instructions, so elapsed "time" repeats run to run.
+    code = "import time; a = time.monotonic_ns(); sum(range(20000)); print(time.monotonic_ns() - a)"
+    core = CORES["cortex-a53"]
+    elapsed = []
+    for run in range(2):
+        out = tmp_path / f"counts{run}.txt"
+        command = RUNTIME.command(core, "-c", code, plugin_out=out)
+        done = subprocess.run(command, capture_output=True, text=True, env=RUNTIME.guest_env(), check=True)
+        elapsed.append(int(done.stdout))
+        assert "warning" not in out.read_text()
+    assert elapsed[0] == elapsed[1] > 0

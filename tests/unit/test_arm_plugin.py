@@ -132,10 +132,12 @@ def test_parse_output_reads_regions_and_clock_calls() -> None:
             _line("clock", 7, 123, *([5] * 9)),
             _line("clock", 7, 456, *([6] * 9)),
             _line("region", 7, *([9] * 9)),
+            "warning virtual clock off: guest memory is not at host addresses",
             "",
         ]
     )
     out = parse_output(text)
+    assert out.warnings == ("virtual clock off: guest memory is not at host addresses",)
     assert out.regions[0].by_class["fp_mla"] == 1 and out.regions[0].by_class["other"] == 9
     assert out.regions[0].total == sum(range(1, 10))
     assert [c.time_ns for c in out.clocks[7]] == [123, 456]

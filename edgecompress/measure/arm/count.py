@@ -210,6 +210,8 @@ def count_instructions(
         _run_guest(command, runtime.guest_env(), timeout_s, path)
         wall_s = time.monotonic() - started
         output = parse_output(counts_file.read_text())
+        for warning in output.warnings:
+            log.warning("emulated-arm counting plugin: %s", warning)
         result = json.loads((work / "result.json").read_text())
         with np.load(work / "outputs.npz") as data:
             arm_outputs = [data[name] for name in data.files]

@@ -56,6 +56,10 @@ def main(request_path: str) -> None:
     # Running this file puts its folder first on sys.path; its siblings are host code.
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != here]
+    # onnxruntime's Linux build logs telemetry events from its runs (rate-limited by wall
+    # time); nothing of it belongs in a count. (Runtime.guest_env keeps its upload
+    # threads from starting at all.)
+    ort.disable_telemetry_events()
     with open(request_path) as f:
         request = json.load(f)
     with np.load(request["inputs"]) as data:

@@ -52,6 +52,7 @@ class PluginOutput:
 
     regions: Mapping[int, ClassCounts]
     clocks: Mapping[int, tuple[ClockCall, ...]]
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,15 @@ def parse_output(text: str) -> PluginOutput:
     """Read the plugin's `region` and `clock` lines."""
     regions: dict[int, ClassCounts] = {}
     clocks: dict[int, list[ClockCall]] = {}
+    warnings: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
         try:
-            if fields[0] == "region":
+            if fields[0] == "warning":
+                warnings.append(line.partition(" ")[2])
+            elif fields[0] == "region":
                 regions[int(fields[1])] = _counts(fields[2:])
             elif fields[0] == "clock":
                 call = ClockCall(int(fields[2]), _counts(fields[3:]))
@@ -138,17 +142,18 @@ def parse_output(text: str) -> PluginOutput:
     return PluginOutput(
         MappingProxyType(regions),
         MappingProxyType({k: tuple(v) for k, v in clocks.items()}),
+        tuple(warnings),
     )
 
 
 def _call_at(times: list[int], guest_ns_low: int, slack_ns: int) -> int | None:
     """Index of the clock call whose guest value lies in [guest_ns_low, + slack_ns).
 
-    The plugin stamps a call just before the guest's clock_gettime runs and the next
-    call only after it returned, so the call that produced a value v is the last one
-    stamped at or before v. onnxruntime truncates to microseconds, which leaves v known
-    only within slack_ns; the last call stamped before the end of that window is it
-    (two clock calls never fall within microseconds of each other under emulation).
+    `times` are the values the guest's clock calls returned (the plugin's virtual clock),
+    or, without it, host stamps taken just before each call: either way the call that
+    produced a value v is the last one at or before v. onnxruntime truncates to
+    microseconds, which leaves v known only within slack_ns; the last call before the end
+    of that window is it (consecutive clock calls are thousands of instructions apart).
     """
     index = bisect.bisect_right(times, guest_ns_low + slack_ns - 1) - 1
     return index if index >= 0 else None
@@ -162,9 +167,10 @@ def node_counts(
     onnxruntime stamps each node's start and end with clock_gettime(CLOCK_REALTIME),
     which the plugin records with the instruction counts at that moment; an event's
     `ts`/`dur` are whole microseconds from `start_ns` (the session's profiling start,
-    in nanoseconds). Matching goes by order of time, not by nearest time, so a host
-    thread descheduled between the plugin's stamp and the guest's call cannot shift a
-    boundary. Events outside the traced run (the warm-up run before it) match no call.
+    in nanoseconds). Matching goes by order of time, not by nearest time, so even host
+    stamps (no virtual clock) taken by a thread descheduled just before the guest's call
+    cannot shift a boundary. Events outside the traced run (the warm-up before it) match
+    no call.
     """
     if not calls:
         return ()

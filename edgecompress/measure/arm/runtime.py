@@ -84,6 +84,12 @@ class Runtime:
             # the next run starts from, and with it a few instructions per inference.
             "PYTHONDONTWRITEBYTECODE": "1",
             "OMP_NUM_THREADS": "1",
+            # onnxruntime's Linux build starts a telemetry system at import (threads that
+            # wake on timers and try the network). Its documented switch only stops the
+            # upload; in a CI environment it is not started at all. Left running, it
+            # makes counts depend on timing, and the guest should not phone home anyway.
+            "ORT_TELEMETRY_DISABLED": "1",
+            "CI": "true",
         }
 
     def command(self, core: Core, *args: str, plugin_out: Path | None = None) -> list[str]:
