@@ -26,7 +26,7 @@ import numpy as np
 
 from edgecompress.search.costs import FIGURES, Config, CostModel, layer_shape
 from edgecompress.search.record import Outcome, digest
-from edgecompress.search.reward import MODES, Budgets, all_met, reward
+from edgecompress.search.reward import MODES, TIMED, Budgets, all_met, over_budget, reward
 from edgecompress.search.structure import OPS, Structure, channel_choices
 
 Scorer = Callable[[Mapping[str, Any], bool], Outcome]  # (decisions, measure) -> outcome
@@ -148,12 +148,19 @@ class SearchEnv(gym.Env):
     def rescore(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """A record's reward and feasibility under this environment's current baseline and budgets."""
         figures = {k: record.get(k) for k in ("accuracy", "latency_ms", "memory_mb", "size_kb", "flops")}
-        measured = figures["latency_ms"] is not None
         return {
             **record,
             "reward": reward(figures, self.baseline, self.budgets, self.mode),
-            "feasible": all_met(self.budgets, figures if measured else record.get("predicted") or figures),
+            "feasible": self._feasible(figures, record.get("predicted")),
         }
+
+    def _feasible(self, figures: Mapping[str, Any], predicted: Mapping[str, Any] | None) -> bool:
+        """Every budget kept, judged as this mode sees it: FLOPs mode by FLOPs and file
+        size only; the measured mode by the measured figures (by prediction until then)."""
+        if self.mode == "flops" and self.baseline:
+            return over_budget(figures, self.baseline, self.budgets, self.mode) == 0.0
+        measured = figures.get("latency_ms") is not None
+        return all_met(self.budgets, figures if measured else predicted or figures)
 
     def config_of(self, decisions: Mapping[str, Any]) -> Config:
         """The configuration a decisions record describes (the inverse of `decisions`)."""
@@ -200,7 +207,6 @@ class SearchEnv(gym.Env):
             self.observed[key] = (config, figures)
             if self.refit:
                 self.cost.calibrate(self.anchor_points + list(self.observed.values()))
-        measured = outcome.latency_ms is not None
         return {
             "stage": self.stage,
             "digest": key,
@@ -209,7 +215,7 @@ class SearchEnv(gym.Env):
             **outcome.as_dict(),
             "predicted": {k: round(v, 6) for k, v in predicted.items()},
             "reward": reward(figures, self.baseline, self.budgets, self.mode) if self.baseline else None,
-            "feasible": all_met(self.budgets, figures if measured else predicted),
+            "feasible": self._feasible(figures, predicted),
         }
 
     # --- the budget wall -----------------------------------------------------------------
@@ -221,7 +227,7 @@ class SearchEnv(gym.Env):
         limits = {}
         floor = self.cost.predict(self.floor) if hasattr(self, "floor") else {}
         for key, value in self.budgets.resources().items():
-            if self.mode == "flops":
+            if self.mode == "flops" and key in TIMED:
                 if not self.baseline.get(key):
                     continue  # no measured baseline yet to turn the budget into FLOPs
                 share = value / float(self.baseline[key])

@@ -6,7 +6,8 @@ its budget (the prediction was off) costs in proportion to how far it misses. Wi
 a maximum accuracy drop, it is paid for speed (-log of the measured latency relative to
 the baseline) and charged per point of drop beyond the allowance. With neither, it is
 AMC's -error * log(cost). The FLOPs-only mode, for comparison, puts FLOPs where the
-measured figures go (budgets become FLOPs budgets in proportion to the baseline).
+measured latency and memory go (their budgets become FLOPs budgets in proportion to the
+baseline); the file size is exact without measuring and stays as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from edgecompress.errors import UsageError
 UNITS = {"latency_ms": "ms", "memory_mb": "MB", "size_kb": "KB"}
 LABELS = {"latency_ms": "latency", "memory_mb": "peak memory", "size_kb": "file size"}
 MODES = ("measured", "flops")
+TIMED = ("latency_ms", "memory_mb")  # what FLOPs mode replaces by FLOPs (file size is known exactly)
 OVER_BUDGET_WEIGHT = 2.0
 ACCURACY_DROP_WEIGHT = 1.0  # per point of top-1 beyond the allowed drop
 
@@ -99,6 +101,24 @@ def _excess(value: Any, limit: float) -> float:
     return max(0.0, float(value) / limit - 1.0)
 
 
+def over_budget(
+    figures: Mapping[str, Any], baseline: Mapping[str, Any], budgets: Budgets, mode: str = "measured"
+) -> float:
+    """How far the figures are over their budgets, summed relatively (0: every budget kept).
+
+    In FLOPs mode latency and memory budgets become FLOPs budgets in proportion to the
+    baseline: that mode never looks at a measured latency.
+    """
+    total = 0.0
+    for key, limit in budgets.resources().items():
+        if mode == "flops" and key in TIMED:
+            if not baseline.get(key):
+                continue
+            key, limit = "flops", float(baseline["flops"]) * limit / float(baseline[key])
+        total += _excess(figures.get(key), limit)
+    return total
+
+
 def reward(
     figures: Mapping[str, Any],
     baseline: Mapping[str, Any],
@@ -113,11 +133,7 @@ def reward(
     resources = budgets.resources()
     cost_key = "flops" if mode == "flops" else "latency_ms"
     if resources:
-        value = accuracy
-        for key, limit in resources.items():
-            if mode == "flops":  # the comparison mode sees FLOPs only: budgets scale FLOPs
-                key, limit = "flops", float(baseline["flops"]) * limit / float(baseline[key])
-            value -= OVER_BUDGET_WEIGHT * _excess(figures.get(key), limit)
+        value = accuracy - OVER_BUDGET_WEIGHT * over_budget(figures, baseline, budgets, mode)
     elif budgets.max_accuracy_drop is not None:
         # Fastest model within the allowed drop: pay for every halving of the cost.
         value = -math.log(max(float(figures[cost_key]) / float(baseline[cost_key]), 1e-9))

@@ -222,6 +222,8 @@ def test_reward_pays_accuracy_and_charges_missed_budgets() -> None:
     assert dead < missed  # a model that did not fit the device's memory
     flops = reward({"accuracy": 85.0, "latency_ms": 9.0, "flops": 6e5}, base, budgets, "flops")
     assert flops == pytest.approx(0.85 - 2.0 * (6e5 / 5e5 - 1))  # latency unseen in that mode
+    sized = reward({"accuracy": 85.0, "flops": 4e5, "size_kb": 60.0}, base, Budgets(size_kb=50.0), "flops")
+    assert sized == pytest.approx(0.85 - 2.0 * 0.2)  # file size is exact: FLOPs mode keeps it
     drop = Budgets(max_accuracy_drop=1.0)
     fast = reward({"accuracy": 89.5, "latency_ms": 1.0, "flops": 1}, base, drop)
     slow = reward({"accuracy": 89.5, "latency_ms": 2.0, "flops": 1}, base, drop)
