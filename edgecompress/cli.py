@@ -414,6 +414,11 @@ def measure_command(model, device, mode, remote, token_file, no_cache, as_json) 
         f"thread(s) on {m.cores_used} of {m.cores_requested} core(s), {m.warmup} warm-up + "
         f"{m.repeats} repeats" + (", cached" if m.cached else "")
     )
+    if m.arm is not None:
+        from edgecompress.measure.arm import summary_lines
+
+        for line in summary_lines(m.arm):
+            click.echo(line)
     for note in m.notes:
         click.echo(f"  note: {note}")
 

@@ -269,3 +269,17 @@ def test_guest_clock_is_virtual_so_time_based_code_is_deterministic(tmp_path: Pa
         elapsed.append(int(done.stdout))
         assert "warning" not in out.read_text()
     assert elapsed[0] == elapsed[1] > 0
+
+
+@needs_setup
+def test_measure_command_prints_counts_by_class_and_node(fp32_model: Path) -> None:
+    command = [sys.executable, "-m", "edgecompress", "measure", str(fp32_model), "--device", "embedded-arm"]
+    done = subprocess.run(
+        [*command, "--mode", "emulated-arm", "--no-cache"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "(emulated-arm, calibration declared)" in text
+    assert "M instructions per inference on cortex-a53" in text
+    assert "by class: fp_mla" in text and "nodes hold" in text and "FusedConv" in text
+    assert "estimate" in text and "cycle weights declared" in text

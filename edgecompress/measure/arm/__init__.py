@@ -47,6 +47,7 @@ __all__ = [
     "fit_cycle_weights",
     "measure_emulated_arm",
     "status",
+    "summary_lines",
 ]
 
 MODE = "emulated-arm"
@@ -236,6 +237,46 @@ def calibrate_from_board(
     block = fit.model.calibration_block()
     block["note"] = " ".join(filter(None, [fit.model.note, source_note]))
     return block
+
+
+def summary_lines(arm: dict[str, Any], top: int = 8) -> list[str]:
+    """Human-readable lines for a Measurement's `arm` record (the CLI prints them)."""
+    total = arm["instructions"]
+    by_class = sorted(arm["by_class"].items(), key=lambda kv: -kv[1])
+    classes = ", ".join(
+        f"{name} {value / 1e6:.2f} M ({100 * value / total:.1f}%)" for name, value in by_class if value
+    )
+    estimate, model = arm["estimate"], arm["cycle_model"]
+    parity = arm["parity"]
+    lines = [
+        f"  arm      {total / 1e6:.3f} M instructions per inference on {arm['core']} "
+        f"(qemu {arm['qemu_version']} -cpu {arm['qemu_cpu']}, onnxruntime {arm['onnxruntime']} aarch64)",
+        f"           by class: {classes}",
+        f"           estimate {estimate['ms']:.3f} ms = compute {estimate['compute_ms']:.3f} ms "
+        f"({estimate['cycles'] / 1e6:.2f} M cycles at {model['clock_ghz']:g} GHz) + memory "
+        f"{estimate['memory_ms']:.3f} ms ({arm['bytes_touched'] / 1e6:.2f} MB at "
+        f"{model['bandwidth_gbps']:g} GB/s); cycle weights {model['source']}",
+        "           outputs "
+        + (
+            "bit-exact with the host's"
+            if parity["bit_exact"]
+            else f"within {parity['max_rel_diff']:.1e} (relative) of the host's"
+        ),
+    ]
+    nodes = arm.get("nodes") or []
+    if nodes:
+        coverage = arm.get("node_coverage") or 0.0
+        lines.append(
+            f"  nodes    {len(nodes)} nodes hold {100 * coverage:.1f}% of a profiled run's "
+            f"instructions; the heaviest {min(top, len(nodes))}:"
+        )
+        for node in sorted(nodes, key=lambda n: -n["instructions"])[:top]:
+            main = max(node["by_class"].items(), key=lambda kv: kv[1])
+            lines.append(
+                f"           {node['instructions'] / 1e6:7.3f} M  {node['op_type']:<16s} "
+                f"{node['name']}  (most: {main[0]} {100 * main[1] / max(1, node['instructions']):.0f}%)"
+            )
+    return lines
 
 
 def count_reference_suite(
