@@ -17,6 +17,7 @@ logged candidates as a memo and continues where the killed run stopped.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -305,6 +306,8 @@ class Run(Session):
         resolved = validate(plan, self.model)
         self.pruning_plan = resolved_plan(plan, resolved)
         pruned = prune_model(self.model, plan, resolved)
+        if pruned.module is self.model.module:  # nothing pruned: BN recalibration and fine-tuning
+            pruned = dataclasses.replace(pruned, module=copy.deepcopy(pruned.module))  # must not touch it
         path = self.out / "stage1.pt"
         key = self.pruning_plan.to_json()
         if path.is_file():

@@ -267,3 +267,17 @@ def test_decore_agent_prunes_by_learned_scores_and_flops_mode_runs(
     fresh = [r for r in searched if not r["cached"]]  # (a repeat of a measured reference has figures)
     assert fresh and all(r["latency_ms"] is None for r in fresh)  # FLOPs mode measures no candidate
     assert result.final["latency_ms"] is not None and result.plan.layers == {}
+
+
+def test_the_given_model_is_left_untouched(weights: Path, tmp_path: Path) -> None:
+    import torch
+
+    from edgecompress import compress
+    from edgecompress.zoo import load_model
+
+    model = load_model("small_cnn", weights)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    # A generous budget: the unpruned model wins stage 1, then is recalibrated and fine-tuned.
+    compress(model, "digits", device="host", latency_ms=50.0, out=tmp_path / "keep", stages=("prune",),
+             **{**SETTINGS, "episodes": 1})  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
