@@ -186,6 +186,9 @@ def count_instructions(
         # must not depend on where the file or this package happen to live.
         shutil.copyfile(path, work / "model.onnx")
         shutil.copyfile(guest.__file__, work / "guest.py")
+        # qemu puts the executable's host path on the guest's initial stack: run a copy
+        # from here, so that where the setup lives cannot move the stack.
+        shutil.copy(runtime.guest_python, work / "python3.11")
         np.savez(work / "inputs.npz", **feeds)
         request = {
             "model": str(work / "model.onnx"),
@@ -204,7 +207,11 @@ def count_instructions(
         (work / "request.json").write_text(json.dumps(request))
         counts_file = work / "counts.txt"
         command = runtime.command(
-            spec, str(work / "guest.py"), str(work / "request.json"), plugin_out=counts_file
+            spec,
+            str(work / "guest.py"),
+            str(work / "request.json"),
+            plugin_out=counts_file,
+            python=work / "python3.11",
         )
         started = time.monotonic()
         _run_guest(command, runtime.guest_env(), timeout_s, path)

@@ -50,6 +50,9 @@ SKIP_PACKAGES = {"dpkg", "install-info", "tar"}
 WHEEL_PLATFORM = "manylinux_2_28_aarch64"
 MANIFEST = "manifest.json"
 QEMU_MAJOR_MAX = 8  # the plugin speaks API version 1, which qemu 9 no longer loads
+# Bumped when setup starts laying the sysroot out differently (a setup of another version
+# is redone, without downloads): counts depend on every byte the guest runs.
+SETUP_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,9 @@ class Runtime:
             "CI": "true",
         }
 
-    def command(self, core: Core, *args: str, plugin_out: Path | None = None) -> list[str]:
+    def command(
+        self, core: Core, *args: str, plugin_out: Path | None = None, python: Path | None = None
+    ) -> list[str]:
         """The qemu command line that runs the guest python on `core`.
 
         Address-space randomization is switched off for it (setarch -R): where the heap
@@ -105,7 +110,15 @@ class Runtime:
             command = [setarch, os.uname().machine, "-R", *command]
         if plugin_out is not None:
             command += ["-plugin", f"{self.plugin},out={plugin_out}"]
-        return [*command, str(self.sysroot) + GUEST_PYTHON, *args]
+        # The guest's argv[0] is its own path, not where this setup happens to live: a
+        # longer home folder would otherwise shift the guest's heap, and the counts.
+        command += ["-0", GUEST_PYTHON]
+        return [*command, str(python or self.guest_python), *args]
+
+    @property
+    def guest_python(self) -> Path:
+        """The aarch64 python binary on the host's side."""
+        return self.sysroot / GUEST_PYTHON.lstrip("/")
 
 
 def arm_home() -> Path:
@@ -146,7 +159,8 @@ def status() -> Runtime | None:
         setup_seconds=float(manifest.get("setup_seconds", 0.0)),
     )
     ready = (
-        site in manifest.get("sites", [])
+        manifest.get("setup_version") == SETUP_VERSION
+        and site in manifest.get("sites", [])
         and runtime.qemu.is_file()
         and runtime.plugin == plugin_target(home / "plugin")
         and runtime.plugin.is_file()
@@ -166,6 +180,11 @@ def setup(*, force: bool = False, progress: Progress | None = None) -> Runtime:
             report("emulated-arm setup: already in place", 1.0)
             return ready
         started = time.monotonic()
+        log.warning(
+            "setting up emulated-arm in %s (first use: downloads about 50 MB of arm64 packages "
+            "and wheels, about a minute; later runs reuse it)",
+            home,
+        )
         ort_version, numpy_version = host_versions()
         report("emulated-arm setup: qemu-user", 0.0)
         qemu, qemu_version = ensure_qemu()
@@ -186,6 +205,8 @@ def setup(*, force: bool = False, progress: Progress | None = None) -> Runtime:
         manifest = _read_manifest(home)
         sites = sorted(set(manifest.get("sites", [])) | {site})
         manifest.update(
+            setup_version=SETUP_VERSION,
+            host_python=".".join(map(str, sys.version_info[:3])),
             qemu=str(qemu),
             qemu_version=qemu_version,
             plugin=str(plugin),
@@ -451,8 +472,11 @@ def precompile(sysroot: Path, site: str) -> None:
         return
     import compileall
 
-    for folder in (sysroot / "usr/lib/python3.11", sysroot / site.lstrip("/")):
-        compileall.compile_dir(folder, quiet=2, workers=1)
+    for guest_folder in ("/usr/lib/python3.11", site):
+        # ddir: the code objects name the guest's paths, as if the guest had compiled
+        # them; host paths would make the bytecode (and the counts) depend on $HOME.
+        folder = sysroot / guest_folder.lstrip("/")
+        compileall.compile_dir(folder, ddir=guest_folder, quiet=2, workers=1, force=True)
 
 
 def host_cpu_slots() -> int:
