@@ -5,11 +5,11 @@ weight and activation precision) to the milliseconds its kernels took on the dev
 timed alone with onnxruntime's profiler so that layout conversions at a lone layer's
 edges (NCHWc reorders, NHWC transposes) are left out. A model's latency is predicted as
 
-    ms = scale x (sum(rows of its layers) + streaming + b x layers + c)
+    ms = scale x (a x (sum(rows of its layers) + streaming) + b x layers + c)
 
 where streaming is what fetching the weights from memory costs once they no longer fit
 the caches (measured with a probe of growing depth: a lone layer's weights stay cached
-between runs, a big model's do not), and (b, c) are fitted per precision family on
+between runs, a big model's do not), and (a, b, c) are fitted per precision family on
 reference models timed end to end: they carry what a sum of kernels misses (per-node
 dispatch, the session's fixed cost, the layout conversions a whole model does need).
 Between rows the table interpolates linearly in channels (after rounding up to the SIMD
@@ -86,6 +86,7 @@ class LatencyTable:
     created: str = ""
     # (total weight MB of a model, extra ms per MB of its weights): the streaming probe.
     streaming: tuple[tuple[float, float], ...] = ()
+    profiler_overhead_us: float = 0.0  # subtracted from every node's profiled time
 
     @property
     def mape(self) -> float | None:
@@ -113,6 +114,7 @@ class LatencyTable:
             "held_out": [dataclasses.asdict(c) for c in self.held_out],
             "mape_percent": self.mape,
             "streaming": [list(p) for p in self.streaming],
+            "profiler_overhead_us": self.profiler_overhead_us,
             "rows": [{**dataclasses.asdict(k), "ms": ms} for k, ms in self.rows],
         }
 
@@ -141,6 +143,7 @@ class LatencyTable:
             held_out=tuple(Check(**c) for c in data.get("held_out", [])),
             created=data.get("created", ""),
             streaming=tuple((float(a), float(b)) for a, b in data.get("streaming", [])),
+            profiler_overhead_us=float(data.get("profiler_overhead_us", 0.0)),
         )
 
 
@@ -167,10 +170,11 @@ def load_table(path: str | Path) -> LatencyTable:
         raise MeasureError(f"latency table {path} is malformed ({err}); rebuild it") from None
 
 
-def row_ms(key: LayerKey, nodes: Sequence[Sequence[Any]]) -> float:
-    """A row's milliseconds from a lone layer's per-node times (us), layout nodes left out."""
+def row_ms(key: LayerKey, nodes: Sequence[Sequence[Any]], overhead_us: float = 0.0) -> float:
+    """A row's milliseconds from a lone layer's per-node times (us): layout nodes left
+    out, and from each node what the profiler itself adds to a kernel's time."""
     keep = [t for _name, op, t in nodes if op not in LAYOUT_OPS or key.op == "Transpose"]
-    return float(sum(keep)) / 1000.0
+    return float(sum(max(0.0, t - overhead_us) for t in keep)) / 1000.0
 
 
 # ---------------------------------------------------------------- interpolation
@@ -373,6 +377,11 @@ def streaming_ms(layers: Sequence[Layer], table: LatencyTable) -> float:
     return max(per_mb, 0.0) * mb
 
 
+def node_count(layers: Sequence[Layer]) -> int:
+    """Layers that are nodes of their own (a fused activation's pass, "Conv+Clip", is not)."""
+    return sum(1 for layer in layers if "+" not in layer.key.op)
+
+
 def family(layers: Sequence[Layer]) -> str:
     """fp32 or int8: which fit applies (int8 when any weighted layer runs in int8)."""
     weighted = [layer for layer in layers if layer.key.op in ("Conv", "Gemm", "MatMul")]
@@ -402,7 +411,7 @@ def explain_latency(model_or_path: Any, table: LatencyTable) -> Prediction:
     name = family(layers)
     fit = table.fits.get(name) or table.fits.get("fp32") or Fit(1.0, 0.0, 0.0, 0)
     total = sum(ms for _layer, ms in parts) + streaming_ms(layers, table)
-    predicted = max(fit.apply(total, len(layers)), 0.0)
+    predicted = max(fit.apply(total, node_count(layers)), 0.0)
     # Per-layer shares scaled so that they add up to the prediction.
     share = predicted / total if total > 0 else 0.0
     scale = table.latency_scale
@@ -425,21 +434,27 @@ def predict_latency(model_or_path: Any, table: LatencyTable | str | Path) -> flo
 
 
 def fit_family(sums: Sequence[float], counts: Sequence[int], measured: Sequence[float]) -> Fit:
-    """Fit ms = sum + b x layers + c by least squares in relative error.
+    """Fit ms = a x sum + b x layers + c by least squares in relative error.
 
-    The rows are the layers' own kernel times, so their sum enters with weight 1 (a);
-    b is per-layer dispatch less what the profiler adds to each kernel's time, c the
-    session's fixed cost. Fitting a as well let timing noise in a few reference models
-    tilt every prediction, so a is fitted only when b and c cannot explain the models
-    (fewer than two models: c alone; one model: a alone).
+    a near 1 means the lone-layer kernel times hold inside a model; b is per-layer
+    dispatch less what the profiler adds to each kernel's time; c the session's fixed
+    cost. With fewer than four models, or when the full fit leaves 0.5 <= a <= 2 (timing
+    noise in a few reference models), a is held at 1 and only b and c are fitted.
     """
     s = np.asarray(sums, float)
     n = np.asarray(counts, float)
     y = np.asarray(measured, float)
     weights = 1.0 / np.maximum(y, 1e-9)  # relative error: small models count as much
+
+    def solve(design: np.ndarray, target: np.ndarray) -> np.ndarray:
+        return np.linalg.lstsq(design * weights[:, None], target * weights, rcond=None)[0]
+
+    if len(y) >= 4:
+        a, b, c = solve(np.column_stack([s, n, np.ones_like(n)]), y)
+        if 0.5 <= a <= 2.0:
+            return Fit(float(a), float(b), float(c), len(y))
     if len(y) >= 3:
-        design = np.column_stack([n, np.ones_like(n)])
-        (b, c), *_ = np.linalg.lstsq(design * weights[:, None], (y - s) * weights, rcond=None)
+        b, c = solve(np.column_stack([n, np.ones_like(n)]), y - s)
         return Fit(1.0, float(b), float(c), len(y))
     if len(y) == 2:
         return Fit(1.0, 0.0, float(np.mean(y - s)), 2)
@@ -453,7 +468,7 @@ def table_sum(model_or_path: Any, table: LatencyTable) -> tuple[float, int, str]
     layers = describe(model_or_path)
     index = table._index
     total = sum(index.lookup(layer.key)[0] for layer in layers) + streaming_ms(layers, table)
-    return total, len(layers), family(layers)
+    return total, node_count(layers), family(layers)
 
 
 def mape(checks: Sequence[Check]) -> float:

@@ -26,6 +26,9 @@ WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 FREE_OPS = {"Identity", "Dropout", "Constant"}
 # Activations onnxruntime fuses into a preceding fp32 Conv or Gemm.
 FUSABLE_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid"}
+# Fused at no measurable cost (inside the convolution kernels); the others, and Clip in
+# particular (ReLU6), cost an extra pass over the output: rows "Conv+Clip" etc.
+FREE_FUSED = {"Relu", "BatchNormalization"}
 _DTYPE_NAMES = {1: "fp32", 2: "uint8", 3: "int8", 10: "fp16", 21: "uint4", 22: "int4"}
 _SMALL = 4096  # constants this small are evaluated to learn shapes (pads, slice bounds)
 _SHAPE_DTYPES = {6, 7}  # INT32, INT64
@@ -379,7 +382,13 @@ def describe(model_or_path: Any) -> list[Layer]:
             aprec = "fp32"
             source = info.producer.get(node.input[0]) if node.input else None
             if op in FUSABLE_ACTIVATIONS | {"BatchNormalization"} and _fuses(info, source):
-                continue  # onnxruntime fuses it into the Conv/Gemm before it
+                if op in FREE_FUSED:
+                    continue  # onnxruntime fuses it into the Conv/Gemm before it, for free
+                # Fused too, but applied as a pass over the output: its own row.
+                channels, size = _spatial(info.shapes.get(node.output[0]))
+                key = LayerKey(f"{source.op_type}+{op}", "none", "fp32", channels, channels, size)
+                layers.append(Layer(node.name or node.output[0], key, 0, 0))
+                continue
             if op == "Add" and source is not None and _bias_add(info, node, source):
                 continue
         key, params = _layer_key(info, node, aprec)

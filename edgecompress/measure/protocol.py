@@ -31,6 +31,9 @@ class LatencyStats:
     min: float
     max: float
     cv: float  # coefficient of variation: std / mean over the repeats
+    # The 10th percentile: what the model takes when nothing else competes for the core
+    # (a run preempted by other work lands in the upper percentiles, not here).
+    p10: float | None = None
 
     def scaled(self, factor: float) -> LatencyStats:
         return LatencyStats(
@@ -40,6 +43,7 @@ class LatencyStats:
             min=self.min * factor,
             max=self.max * factor,
             cv=self.cv,
+            p10=None if self.p10 is None else self.p10 * factor,
         )
 
     def pick(self, statistic: str) -> float:
@@ -59,6 +63,7 @@ def summarize(samples_ns: list[int] | np.ndarray) -> LatencyStats:
         min=float(ms.min()),
         max=float(ms.max()),
         cv=float(ms.std() / mean) if mean > 0 else 0.0,
+        p10=float(np.percentile(ms, 10)),
     )
 
 

@@ -200,28 +200,30 @@ def mobilenet(widths: tuple[int, ...], expansion: int = 6, blocks: int = 2, seed
     return g.model(g.gemm(g.flatten(g.global_pool(x)), 10))
 
 
-def stream_probe(layers: int, channels: int = 256) -> Any:
-    """A chain of 1x1 convolutions on a 1x1 map: weights and almost nothing else.
+def stream_probe(layers: int, channels: int = 256, size: int = 4) -> Any:
+    """A chain of big 3x3 convolutions on a small map (2.25 MB of fp32 weights each).
 
-    Timed at growing depth it shows where a model's weights stop fitting the caches
-    (a lone layer's weights stay cached between runs; a big model's do not) and what
-    each megabyte then costs to stream from memory on every inference.
+    Timed at growing depth it shows where a model's weights stop fitting the caches (a
+    lone layer's weights stay cached between runs; a big model's do not) and what each
+    megabyte then costs to fetch again on every inference, for layers like the late
+    stages of VGG or wide ResNets where weights outweigh activations.
     """
-    g = GraphBuilder(f"stream_{layers}x{channels}", channels, 1)
+    g = GraphBuilder(f"stream_{layers}x{channels}", channels, size)
     x = "input"
     for _ in range(layers):
-        x = g.conv(x, channels, kernel=1)
+        x = g.conv(x, channels)
     return g.model(x)
 
 
-# Depths of the streaming probe: 0.25 MB to 64 MB of fp32 weights at 256 channels.
-STREAM_PROBE_LAYERS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Depths of the streaming probe: 2.25 MB to 63 MB of fp32 weights.
+STREAM_PROBE_LAYERS = (1, 2, 4, 8, 16, 28)
 
 
 def reference_cnns(channel_multiple: int, quick: bool = False) -> list[tuple[str, str, Any]]:
     """(name, family, fp32 model) for the reference suite, widths in channel multiples.
 
-    Three families at several widths and depths (10 to 100 layers). The "-c" models are
+    Three families at several widths and depths (10 to 120 layers, up to ~30 MB of fp32
+    weights at channel multiple 16). The "-c" models are
     held out of the predictor's fit to report its error on models it never saw.
     """
     m = max(8, channel_multiple)
@@ -237,7 +239,9 @@ def reference_cnns(channel_multiple: int, quick: bool = False) -> list[tuple[str
         ("vgg-a", "vgg", vgg((m, 2 * m, 4 * m, 8 * m))),
         ("mobilenet-a", "mobilenet", mobilenet((m, 2 * m, 4 * m), expansion=4)),
         ("resnet14-b", "resnet", resnet((2 * m, 4 * m, 8 * m), 2)),
+        ("resnet56-b", "resnet", resnet((m, m, 2 * m), 9)),
         ("vgg-b", "vgg", vgg((2 * m, 4 * m, 8 * m, 16 * m, 16 * m))),
+        ("vgg-wide-b", "vgg", vgg((4 * m, 8 * m, 16 * m, 32 * m, 32 * m))),
         ("mobilenet-b", "mobilenet", mobilenet((m, 2 * m, 3 * m, 6 * m), blocks=3)),
         ("resnet20-c", "resnet", resnet((3 * m // 2, 3 * m, 5 * m), 3)),
         ("vgg-c", "vgg", vgg((3 * m, 6 * m, 12 * m), convs=3)),
@@ -440,6 +444,9 @@ def layer_model(key: LayerKey, seed: int = 0) -> Any:
     """The single-layer graph for a table row, fp32 or int8 QDQ as the key says."""
     if key.op in ("QuantizeLinear", "DequantizeLinear"):
         return _qdq_boundary(key)
+    if key.op == "Conv+Clip":
+        g = GraphBuilder(f"clip_{key.cin}_{key.size}", key.cin, key.size, seed)
+        return g.model(g.conv("input", key.cin, 3, 1, key.cin, act="relu6"))
     fp32 = _single(key, seed)
     if key.aprec == "fp32":
         return fp32
@@ -449,10 +456,15 @@ def layer_model(key: LayerKey, seed: int = 0) -> Any:
 # ---------------------------------------------------------------- the suite
 
 
-def _channels(multiple: int, largest: int) -> list[int]:
+def _channels(multiple: int, largest: int, half_octaves: bool = False) -> list[int]:
+    """Channel counts doubling from the channel multiple, and (half_octaves) the 1.5x
+    steps between them, each a multiple of the channel multiple."""
     values, c = [], max(8, multiple)
     while c <= largest:
         values.append(c)
+        between = c * 3 // 2
+        if half_octaves and between <= largest and between % multiple == 0:
+            values.append(between)
         c *= 2
     return values
 
@@ -462,16 +474,16 @@ def layer_keys(
 ) -> list[LayerKey]:
     """The table's rows: a grid over channels and feature sizes for each layer kind.
 
-    Channels double from the SIMD channel multiple; dense convolutions stop where a
-    single layer would exceed ~134 M multiply-adds (beyond, the table extrapolates in
+    Channels step by 1.5x and 2x from the SIMD channel multiple; dense convolutions stop where a
+    single layer would exceed ~67 M multiply-adds (beyond, the table extrapolates in
     proportion). precisions: (weight, activation) pairs, e.g. ("fp32", "fp32"),
     ("int8", "uint8").
     """
     sizes = (16, 8) if quick else (32, 16, 8, 4, 2)
     largest_k3, largest_k1 = (64, 64) if quick else (512, 1024)
-    k3 = _channels(channel_multiple, largest_k3)
-    k1 = _channels(channel_multiple, largest_k1)
-    max_macs = 1 << 27
+    k3 = _channels(channel_multiple, largest_k3, half_octaves=not quick)
+    k1 = _channels(channel_multiple, largest_k1, half_octaves=not quick)
+    max_macs = 1 << 26
     keys: list[LayerKey] = []
     for wprec, aprec in precisions:
         for size in sizes:
@@ -499,7 +511,24 @@ def layer_keys(
                 keys.append(LayerKey(op, "none", aprec, c, cout, size, kernel, kernel, 1))
         for c in k1[:2] if quick else k1 + [1280]:
             keys.append(LayerKey("Flatten", "none", aprec, c, c, 1))
+        if aprec == "fp32":
+            # A fused ReLU6 over depthwise shapes that the table also holds with ReLU.
+            for c, size in [(k1[0], sizes[0]), (k1[1], sizes[-1])] if quick else _clip_shapes(k1, sizes):
+                keys.append(LayerKey("Conv+Clip", "none", aprec, c, c, size))
     return keys
+
+
+# A single Relu over one value: its profiled "kernel time" is the profiler's own cost.
+PROFILER_PROBE = LayerKey("Relu", "none", "fp32", 1, 1, 1)
+
+
+def _clip_shapes(channels: list[int], sizes: Sequence[int]) -> list[tuple[int, int]]:
+    return [(c, size) for size in sizes for c in channels[:: max(1, len(channels) // 4)]]
+
+
+def clip_base(key: LayerKey) -> LayerKey:
+    """The depthwise ReLU row a "Conv+Clip" row is measured against."""
+    return LayerKey("Conv", "fp32", "fp32", key.cin, key.cin, key.size, 3, 1, key.cin)
 
 
 def _elementwise_shapes(multiple: int) -> list[tuple[int, int]]:
