@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgecompress.errors import MeasureError
 from edgecompress.measure.arm import count_instructions, status
 from edgecompress.measure.arm.cores import CORES
-from edgecompress.measure.arm.runtime import download_debs, download_wheels
+from edgecompress.measure.arm.sysroot import download_debs, download_wheels
 from edgecompress.profiles import load_profile
 
 RUNTIME = status()

@@ -2,7 +2,8 @@
 counted per instruction class by a small qemu plugin, and turned into an estimated
 latency on the profile's core by a cycle model.
 
-    runtime.py      setup: qemu-user, the aarch64 sysroot and wheels, cpuinfo per core
+    runtime.py      where the runtime lives, whether it is ready, how to start the guest
+    sysroot.py      setup steps: qemu-user, the aarch64 sysroot and wheels, cpuinfo per core
     counter.c       the qemu TCG plugin (built with gcc at setup)
     plugin.py       builds it, reads its output, joins it with onnxruntime's profile
     guest.py        the worker that runs inside qemu (stdlib, numpy, onnxruntime only)
