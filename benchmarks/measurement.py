@@ -106,7 +106,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--devices", default="host,embedded-arm")
     parser.add_argument("--table", help="Use this latency table instead of profiling the host.")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="Wait up to this many seconds for the 1-minute load average to fall below 1.",
+    )
     args = parser.parse_args()
+    deadline = time.time() + args.wait_quiet
+    while os.getloadavg()[0] >= 1.0 and time.time() < deadline:
+        print(f"waiting for a quiet machine (load {_load()})", flush=True)
+        time.sleep(30)
     host = load_profile("host")
     start = time.time()
     loads = [_load()]
