@@ -11,6 +11,7 @@ model, and the input model is never modified.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import weakref
@@ -199,7 +200,8 @@ def prune_model(model: LoadedModel, plan: CompressionPlan, resolved: Resolved | 
     """Only the structural part of a plan: channels (and classes) physically removed."""
     resolved = resolved or validate(plan, model)
     if not resolved.keep and resolved.classes is None:
-        return model
+        # A copy even when nothing is cut: callers recalibrate and fine-tune the result.
+        return replace(model, module=copy.deepcopy(model.module))
     graph = analyze_model(model)
     module = pruning.prune(model.module, graph, resolved.keep, resolved.classes)
     module.eval()
@@ -247,7 +249,8 @@ def apply(
     """
     resolved = validate(plan, model)
     pruned = prune_model(model, plan, resolved)
-    if pruned is not model and calibration is not None and recalibrate:
+    cut = bool(resolved.keep) or resolved.classes is not None
+    if cut and calibration is not None and recalibrate:
         recalibrate_bn(pruned.module, calibration, pruned.spec)
     return simulate(pruned, plan, resolved, calibration, analyze_model(model))
 
@@ -346,7 +349,7 @@ def compress_model(
     cfg = replace(config or FinetuneConfig(), epochs=finetune_epochs)
     teacher_classes = resolved.classes
     pruned = prune_model(model, plan, resolved)
-    if pruned is not model:
+    if resolved.keep or resolved.classes is not None:
         if calib is not None:
             recalibrate_bn(pruned.module, calib, pruned.spec)
         if train is not None and finetune_epochs > 0:

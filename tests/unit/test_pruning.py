@@ -198,6 +198,12 @@ def test_apply_is_pure_and_deterministic() -> None:
         assert ka == kb and torch.equal(va, vb)
     for k, v in model.module.state_dict().items():
         assert torch.equal(v, state[k]), f"{k} changed"
+    # Even a plan that cuts nothing hands back a copy the caller may train.
+    untouched = apply(model, CompressionPlan(), calibration=images)
+    assert untouched.module is not model.module
+    with torch.no_grad():
+        next(untouched.module.parameters()).add_(1.0)
+    assert torch.equal(next(model.module.parameters()), state[next(iter(state))])
 
 
 def test_class_subset_keeps_only_those_outputs() -> None:
