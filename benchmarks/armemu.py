@@ -1,6 +1,6 @@
 """emulated-arm against host timing: ResNet-20/56 variants on Cortex-A53, A72 and A76.
 
-    python benchmarks/arm.py [--weights ../shared/weights] [--models resnet20,resnet56]
+    python benchmarks/armemu.py [--weights ../shared/weights] [--models resnet20,resnet56]
 
 For each model and variant (fp32; int8 QDQ with signed and with unsigned activations;
 50% channels; 50% channels + signed int8) it times the file on this host (one thread,
@@ -30,7 +30,7 @@ from _results import machine_description, write_section  # noqa: E402
 
 CORES = ("cortex-a53", "cortex-a72", "cortex-a76")
 HOST_RUNS = 3
-COMMAND = "python benchmarks/arm.py"
+COMMAND = "python benchmarks/armemu.py"
 
 
 def cycle_models() -> dict:
