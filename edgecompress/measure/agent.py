@@ -93,6 +93,10 @@ def read_token_file(path: str | Path) -> bytes:
         token = path.read_bytes().strip()
     except OSError as err:
         raise TokenError(f"cannot read token file {path}: {err.strerror}") from None
+    if any(byte <= 32 or byte >= 127 for byte in token):
+        raise TokenError(
+            f"token file {path} must hold the token alone: one line of printable characters without spaces"
+        )
     if len(token) < 16:
         raise TokenError(
             f"token file {path} holds {len(token)} characters; use at least 16, e.g. "

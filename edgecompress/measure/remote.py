@@ -33,7 +33,15 @@ def read_token(path: str | Path) -> str:
         raise UsageError(f"cannot read token file {path}: {err.strerror}") from None
     if not token:
         raise UsageError(f"token file {path} is empty; put the agent's token in it")
+    if not _valid_token(token):
+        raise UsageError(
+            f"token file {path} must hold the token alone: one line of printable characters without spaces"
+        )
     return token
+
+
+def _valid_token(token: str) -> bool:
+    return token.isascii() and token.isprintable() and not any(c.isspace() for c in token)
 
 
 class AgentClient:
@@ -45,6 +53,8 @@ class AgentClient:
             raise UsageError(f"--remote {url!r} is not an http URL like http://board:8765")
         if not token:
             raise UsageError("--remote needs the agent's token: pass --token-file F")
+        if not _valid_token(token):
+            raise UsageError("the agent token must be printable characters without spaces")
         self.url = url.rstrip("/")
         self.token = token
         self.connect_timeout_s = connect_timeout_s

@@ -226,6 +226,25 @@ def test_agent_refuses_a_short_token(tmp_path: Path) -> None:
     assert run.returncode == 2 and "at least 16" in run.stderr
 
 
+def test_a_token_file_with_more_than_the_token_is_refused(tmp_path: Path, model: Path) -> None:
+    from edgecompress.errors import UsageError
+    from edgecompress.measure.remote import read_token
+
+    messy = tmp_path / "notes.txt"
+    messy.write_text(TOKEN + "\nsecond line\n")
+    with pytest.raises(UsageError, match="the token alone"):
+        read_token(messy)
+    with pytest.raises(UsageError, match="without spaces"):
+        measure(model, "host", remote="http://127.0.0.1:1", token="a b\nc")
+    run = subprocess.run(
+        [sys.executable, "-m", "edgecompress.measure.agent", "--port", "0", "--token-file", str(messy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and "the token alone" in run.stderr
+
+
 def test_agent_needs_only_stdlib_numpy_onnxruntime() -> None:
     code = (
         "import sys\n"
