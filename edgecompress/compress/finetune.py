@@ -8,6 +8,7 @@ a killed run resume where it stopped; CUDA is used when present.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -96,6 +97,15 @@ def _save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _weights_digest(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def finetune(
     student: nn.Module,
     spec: InputSpec,
@@ -128,6 +138,9 @@ def finetune(
     )
     start_epoch, loss_value = 0, float("nan")
     fingerprint = {k: str(v) for k, v in asdict(config).items() if k not in ("checkpoint", "device")}
+    # A checkpoint resumes only the fine-tune it came from: the same settings and the same
+    # starting weights (a later fine-tune of another model into the same path starts afresh).
+    fingerprint["start"] = _weights_digest(student)
     if config.checkpoint is not None and Path(config.checkpoint).is_file():
         state = torch.load(config.checkpoint, map_location=device, weights_only=False)
         if state.get("config") == fingerprint:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from compress_fixtures import digits, trained_small_cnn
 
-from edgecompress.compress.api import prune_model
+from edgecompress.compress.api import prune_model, uniform_plan
 from edgecompress.compress.finetune import FinetuneConfig, distillation_loss, finetune
 from edgecompress.compress.plan import CompressionPlan
 from edgecompress.data import load_dataset
@@ -52,6 +52,20 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run
     assert result.resumed_from_epoch == 1 and result.steps == 6
     for (k, a), b in zip(whole.state_dict().items(), again.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=k, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_another_model_is_not_resumed(tmp_path) -> None:
+    """Regression: a repair fine-tunes a smaller model into the same checkpoint path; it
+    must train afresh, not load the earlier model's (differently shaped) weights."""
+    base = trained_small_cnn()
+    data = digits("train")
+    config = FinetuneConfig(epochs=1, batch_size=64, max_images=128, lr=0.02, checkpoint=tmp_path / "c.pt")
+    finetune(copy.deepcopy(base.module), base.spec, data, config=config)
+    smaller = prune_model(base, uniform_plan(base, keep_ratio=0.5))
+    result = finetune(smaller.module, smaller.spec, data, config=config)
+    assert result.resumed_from_epoch == 0 and result.steps == 2
+    same_start = copy.deepcopy(base.module)
+    assert finetune(same_start, base.spec, data, config=config).resumed_from_epoch == 0
 
 
 def test_class_subset_fine_tuning_learns_the_subset() -> None:

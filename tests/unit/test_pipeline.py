@@ -158,15 +158,22 @@ def test_same_seed_same_plan(run, weights: Path, baseline: dict, tmp_path: Path)
         "small_cnn", "digits", weights=weights, device="host", out=tmp_path / "again", seed=3,
         **_budgets(baseline), **SETTINGS,
     )  # fmt: skip
-    assert again.plan.to_dict() == run.plan.to_dict()
-    digests = [
-        json.loads(line)["digest"] for line in (run.out_dir / "candidates.jsonl").read_text().splitlines()
-    ]
-    again_digests = [
-        json.loads(line)["digest"]
-        for line in (tmp_path / "again" / "candidates.jsonl").read_text().splitlines()
-    ]  # noqa: E501
-    assert again_digests == digests
+
+    # The search is deterministic (measurements of the same file come from the cache); the
+    # final verification measures afresh, so a run that needed a repair round may end
+    # elsewhere: compare every searched candidate, and the final plan when neither repaired.
+    def searched(out: Path) -> list[str]:
+        records = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+        return [r["digest"] for r in records if r.get("stage") != "repair"]
+
+    assert searched(tmp_path / "again") == searched(run.out_dir)
+    for name in ("best-prune.json", "best-quantize.json"):
+        chosen = [json.loads((out / name).read_text())["record"] for out in (run.out_dir, tmp_path / "again")]
+        assert [(c["digest"], c["decisions"]) for c in chosen] == [
+            (chosen[0]["digest"], chosen[0]["decisions"])
+        ] * 2
+    if run.final.get("repair_rounds") == again.final.get("repair_rounds") == 0:
+        assert again.plan.to_dict() == run.plan.to_dict()
 
 
 def test_a_killed_run_resumes_with_all_its_candidates(
