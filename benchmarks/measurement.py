@@ -97,6 +97,19 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
     return {"p50s": p50s, "p10s": p10s, "raw": raw, "last": last}
 
 
+def previous_runs() -> list[dict]:
+    """Summaries of earlier runs kept in results.json, so a rerun does not hide them."""
+    import json
+
+    from _results import RESULTS_JSON
+
+    try:
+        entry = json.loads(RESULTS_JSON.read_text()).get("measurement", {})
+    except (OSError, ValueError):
+        return []
+    return list(entry.get("history", []))
+
+
 def cv(values: list[float]) -> float:
     return float(np.std(values) / np.mean(values))
 
@@ -231,6 +244,28 @@ def main() -> None:
             f"Table: {table_cmd}, {len(table.rows)} rows, fitted on reference CNNs built with onnx.helper. "
             f"Took {time.time() - start:.0f} s."
         )
+        summary = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "load_average": loads,
+            "median_host_cv_percent": statistics.median(r["host_cv_percent"] for r in data_rows),
+            "worst_host_cv_percent": worst_cv,
+            "mape_percent": round(mape_all, 1),
+            "mape_vs_p10_percent": round(mape_p10, 1),
+        }
+        history = [*previous_runs(), summary][-6:]
+        lines += ["", "Every run of this command so far (the table above is the last one):", ""]
+        lines += [
+            "| date | load 1/5 min (start, after profiling, end) | median CV | worst CV | MAPE "
+            "| MAPE vs p10 |"
+        ]
+        lines += ["|---|---|---:|---:|---:|---:|"]
+        for run in history:
+            lines.append(
+                f"| {run['date']} | {', '.join(run['load_average'])} | "
+                f"{run['median_host_cv_percent']:.1f}% | {run['worst_host_cv_percent']:.1f}% | "
+                f"{run['mape_percent']:.1f}% | "
+                f"{run['mape_vs_p10_percent']:.1f}% |"
+            )
         write_section(
             "measurement",
             "Measurement: repeatability and per-layer table error (issue 3)",
@@ -251,6 +286,7 @@ def main() -> None:
                 "table_rows": len(table.rows),
                 "table_fits": {k: vars(v) for k, v in table.fits.items()},
                 "rows": data_rows,
+                "history": history,
             },
         )
         print("\n".join(lines))
