@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from edgecompress.data import load_dataset
+from edgecompress.errors import InfeasibleBudgetError
 from edgecompress.evaluate import evaluate
 from edgecompress.export import check_writable, export_onnx
 from edgecompress.zoo import LoadedModel, load_model
@@ -122,12 +123,26 @@ def _demo(out_dir: Path, weights_path: Path, epochs: int, seed: int, force: bool
             if progress is not None:
                 progress(f"{device}: {stage}", fraction)
 
-        results[device] = compress(
-            model, "digits", device=device, latency_ms=round(latency_share * base.latency_ms, 4),
-            size_kb=round(size_share * base.file_kb, 1), episodes=episodes, finetune_epochs=finetune_epochs,
-            seed=seed, out=out_dir / device, force=force, progress=report, augment=False, heldout_images=300,
-            torch_threads=1,
-        )  # fmt: skip
+        budgets = {"latency_ms": round(latency_share * base.latency_ms, 4),
+                   "size_kb": round(size_share * base.file_kb, 1)}  # fmt: skip
+        for attempt in range(2):
+            try:
+                results[device] = compress(
+                    model, "digits", device=device, **budgets, episodes=episodes,
+                    finetune_epochs=finetune_epochs, seed=seed, out=out_dir / device,
+                    force=force or attempt > 0, progress=report, augment=False, heldout_images=300,
+                    torch_threads=1,
+                )  # fmt: skip
+                break
+            except InfeasibleBudgetError as err:
+                # This tiny CNN's latency has a floor of fixed costs, and a fast baseline
+                # measurement can put the shared budget under it: aim just above the floor.
+                if attempt:
+                    raise
+                for key, value in budgets.items():
+                    reachable = err.reachable.get(key)
+                    if reachable is not None and reachable > value:
+                        budgets[key] = round(1.15 * reachable, 4)
     main = results[devices[0]]
     return DemoResult(
         out_dir=out_dir,

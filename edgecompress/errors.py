@@ -15,6 +15,14 @@ class UsageError(EdgeCompressError):
     exit_code = 2
 
 
+class InfeasibleBudgetError(UsageError):
+    """A budget that even the smallest candidate misses; `reachable` holds what it reaches."""
+
+    def __init__(self, message: str, reachable: dict[str, float | None]) -> None:
+        super().__init__(message)
+        self.reachable = reachable
+
+
 class ModelError(EdgeCompressError):
     """An unknown model, a factory that cannot be imported, or a checkpoint that does not fit."""
 

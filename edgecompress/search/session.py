@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecompress.errors import UsageError
+from edgecompress.errors import InfeasibleBudgetError, UsageError
 from edgecompress.search.options import RunOptions
 from edgecompress.search.record import CandidateLog
 
@@ -227,9 +227,10 @@ class Session:
             for k in ("latency_ms", "memory_mb", "size_kb")
         )
         asks = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in missed.items())
-        raise UsageError(
+        raise InfeasibleBudgetError(
             f"the budget cannot be met on {self.profile.name}: {asks} is below what the smallest "
-            f"model reaches ({how}): {smallest}; raise the budget to at least that"
+            f"model reaches ({how}): {smallest}; raise the budget to at least that",
+            {k: reach.get(k) for k in ("latency_ms", "memory_mb", "size_kb")},
         )
 
     # -- stage 1 ------------------------------------------------------------------------
