@@ -174,7 +174,9 @@ def row_ms(key: LayerKey, nodes: Sequence[Sequence[Any]], overhead_us: float = 0
     """A row's milliseconds from a lone layer's per-node times (us): layout nodes left
     out, and from each node what the profiler itself adds to a kernel's time."""
     keep = [t for _name, op, t in nodes if op not in LAYOUT_OPS or key.op == "Transpose"]
-    return float(sum(max(0.0, t - overhead_us) for t in keep)) / 1000.0
+    # The overhead is itself a noisy timing: never let it take a real kernel to zero (a
+    # zero row would make that layer free to the search); keep at least 5% of its time.
+    return float(sum(max(0.05 * t, t - overhead_us) for t in keep)) / 1000.0
 
 
 # ---------------------------------------------------------------- interpolation
