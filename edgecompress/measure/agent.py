@@ -307,6 +307,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if length <= 0:
             raise _Reject(400, "the body is empty; send the .onnx file")
         if length > settings.max_upload_bytes:
+            # Read and drop a moderately oversized body (the request timeout still holds),
+            # so the client, still sending, gets the 413 instead of a broken pipe.
+            if length <= 4 * settings.max_upload_bytes:
+                left = length
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 1 << 16))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
             raise _Reject(
                 413,
                 f"upload of {length} bytes exceeds this agent's limit of "
