@@ -31,6 +31,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         print(f"\nemulated-arm setup failed, its qemu tests will skip: {err}", file=sys.stderr)
 
 
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private EDGECOMPRESS_HOME (profiles, caches) for one test."""
+    monkeypatch.setenv("EDGECOMPRESS_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not (SHARED / "data").is_dir():

@@ -28,10 +28,8 @@ TOKEN = "0123456789abcdef0123456789abcdef"
 REQUEST_TIMEOUT = 2.0
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("EDGECOMPRESS_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+# Every test gets a private EDGECOMPRESS_HOME (the `home` fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("home")
 
 
 @pytest.fixture(scope="module")

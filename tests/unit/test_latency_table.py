@@ -29,10 +29,8 @@ from edgecompress.profiles import load_profile
 TOKEN = "fedcba9876543210fedcba9876543210"
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("EDGECOMPRESS_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+# Every test gets a private EDGECOMPRESS_HOME (the `home` fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("home")
 
 
 # ---------------------------------------------------------------- describing graphs

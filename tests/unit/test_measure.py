@@ -18,11 +18,8 @@ from edgecompress.measure.protocol import summarize
 from edgecompress.measure.reference import resnet
 from edgecompress.profiles import load_profile, profile_from_dict, write_profile
 
-
-@pytest.fixture(autouse=True)
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("EDGECOMPRESS_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+# Every test gets a private EDGECOMPRESS_HOME (the `home` fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("home")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,6 @@ BUILT_IN = ("host", "embedded-arm", "mobile-cpu", "satellite-board")
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("EDGECOMPRESS_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def good() -> dict:
     return load_profile("embedded-arm").to_dict()
 
