@@ -76,11 +76,17 @@ class Budgets:
 
 @dataclass(frozen=True)
 class Protocol:
-    """How a latency is taken: warm-up runs, timed repeats, and the statistic reported."""
+    """How a latency is taken: warm-up runs, timed repeats, and the statistic reported.
+
+    Timing runs at least `repeats` times and at least `min_time_s` seconds. `quiet_p50`
+    is the median over the undisturbed stretches of that window (see
+    measure/runner.quiet_p50): on a shared machine it repeats where the plain p50 does not.
+    """
 
     warmup: int = field(metadata=_check("non-negative"))
     repeats: int = field(metadata=_check("positive"))
-    statistic: Literal["p50", "p90", "mean", "min"]
+    statistic: Literal["p50", "p90", "mean", "min", "quiet_p50"]
+    min_time_s: float = field(default=0.0, metadata=_check("non-negative"))
 
 
 @dataclass(frozen=True)

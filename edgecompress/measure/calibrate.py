@@ -111,12 +111,19 @@ class _Timer:
         repeats: int | None,
         local: bool = False,
     ) -> tuple[dict[str, dict], dict[str, Any]]:
+        """Time `files`; with `repeats` given, exactly that many runs each (no minimum
+        time: the single-layer graphs are thousands), else the profile's protocol."""
         from edgecompress.measure.runner import WorkerFailed, run_job
 
         models = [{"id": i, "path": str(p)} for i, p in files]
-        job = job_for(self.profile, models, memory_cap=False, node_times=node_times)
-        if repeats is not None:
-            job["repeats"] = repeats
+        job = job_for(
+            self.profile,
+            models,
+            memory_cap=False,
+            node_times=node_times,
+            repeats=repeats,
+            min_time_s=None if repeats is None else 0.0,
+        )
         # The profile's timeout is per model; a batch gets one per ten models.
         timeout = self.profile.measure.timeout_s * max(1.0, len(files) / 10)
         if self.client is not None and not local:
@@ -189,7 +196,8 @@ def time_references(
     *,
     on_host_too: bool,
 ) -> list[ReferenceTiming]:
-    """End-to-end p10 of each reference CNN (and on this host, for the ratio)."""
+    """End-to-end time of each reference CNN (and on this host, for the ratio): the
+    median over the quiet stretches of the profile's timing window."""
     import onnx
 
     files = []
@@ -210,8 +218,9 @@ def time_references(
             raise MeasureError(f"reference model {name} failed: {result.get('message')}")
         host_ms = None
         if name in host and host[name].get("status") == "ok":
-            host_ms = summarize(host[name]["samples_ns"]).p10
-        timings.append(ReferenceTiming(name, fam, precision, summarize(result["samples_ns"]).p10, host_ms))
+            host_ms = summarize(host[name]["samples_ns"]).quiet_p50
+        device_ms = summarize(result["samples_ns"]).quiet_p50
+        timings.append(ReferenceTiming(name, fam, precision, device_ms, host_ms))
     return timings
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgecompress.errors import MeasureError
+from edgecompress.measure.runner import quiet_p50
 from edgecompress.profiles import DeviceProfile
 
 EXCEEDS_MEMORY = "exceeds the device's memory"
@@ -34,6 +35,10 @@ class LatencyStats:
     # The 10th percentile: what the model takes when nothing else competes for the core
     # (a run preempted by other work lands in the upper percentiles, not here).
     p10: float | None = None
+    # The median over the quiet stretches of the timed window (runner.quiet_p50) and the
+    # fraction of runs in them: the figure that repeats on a machine shared with others.
+    quiet_p50: float | None = None
+    quiet_fraction: float | None = None
 
     def scaled(self, factor: float) -> LatencyStats:
         return LatencyStats(
@@ -44,10 +49,14 @@ class LatencyStats:
             max=self.max * factor,
             cv=self.cv,
             p10=None if self.p10 is None else self.p10 * factor,
+            quiet_p50=None if self.quiet_p50 is None else self.quiet_p50 * factor,
+            quiet_fraction=self.quiet_fraction,
         )
 
     def pick(self, statistic: str) -> float:
-        return float(getattr(self, statistic))
+        value = getattr(self, statistic)
+        # Records cached before the quiet statistic existed have only the plain median.
+        return float(self.p50 if value is None and statistic == "quiet_p50" else value)
 
 
 def summarize(samples_ns: list[int] | np.ndarray) -> LatencyStats:
@@ -56,6 +65,7 @@ def summarize(samples_ns: list[int] | np.ndarray) -> LatencyStats:
     if ms.size == 0:
         raise MeasureError("no timed repeats came back; raise protocol.repeats in the profile")
     mean = float(ms.mean())
+    quiet, fraction = quiet_p50(samples_ns)
     return LatencyStats(
         p50=float(np.percentile(ms, 50)),
         p90=float(np.percentile(ms, 90)),
@@ -64,6 +74,8 @@ def summarize(samples_ns: list[int] | np.ndarray) -> LatencyStats:
         max=float(ms.max()),
         cv=float(ms.std() / mean) if mean > 0 else 0.0,
         p10=float(np.percentile(ms, 10)),
+        quiet_p50=quiet,
+        quiet_fraction=fraction,
     )
 
 
@@ -143,8 +155,12 @@ def job_for(
     memory_cap: bool,
     node_times: bool = False,
     repeats: int | None = None,
+    min_time_s: float | None = None,
 ) -> dict:
-    """The worker job that runs models with a profile's cores, threads and protocol."""
+    """The worker job that runs models with a profile's cores, threads and protocol.
+
+    `repeats` and `min_time_s` override the profile's protocol (the per-layer table
+    times thousands of tiny graphs and cannot spend seconds on each)."""
     return {
         "models": models,
         "cores": profile.cpu.cores,
@@ -154,6 +170,7 @@ def job_for(
         "execution_mode": profile.session.execution_mode,
         "warmup": profile.protocol.warmup,
         "repeats": repeats or profile.protocol.repeats,
+        "min_time_s": profile.protocol.min_time_s if min_time_s is None else min_time_s,
         # Twice the device RAM over the worker's own address space: generous, because
         # address space counts reservations; the budget itself is held against peak RSS.
         "address_space_mb": 2 * profile.budgets.ram_mb if memory_cap else None,
@@ -225,7 +242,7 @@ def make_measurement(
         cores_requested=profile.cpu.cores,
         cores_used=int(worker.get("cores_used", profile.cpu.cores)),
         warmup=profile.protocol.warmup,
-        repeats=profile.protocol.repeats,
+        repeats=len(one["samples_ns"]) if status == "ok" else profile.protocol.repeats,
         machine=str(worker.get("machine", "unknown")),
         notes=tuple(notes),
     )

@@ -10,7 +10,8 @@ Job (a dict): models [{"id", "path"}], cores, intra_op_threads, inter_op_threads
 graph_optimization, execution_mode, warmup, repeats, address_space_mb (extra address
 space over the worker's own after importing onnxruntime; a safety net only, since
 onnxruntime and numpy reserve far more than they touch), seed, node_times (also time
-every node with onnxruntime's profiler; for the per-layer latency table).
+every node with onnxruntime's profiler; for the per-layer latency table), and optionally
+min_time_s (keep timing past `repeats` until this long has passed; see `quiet_p50`).
 """
 
 from __future__ import annotations
@@ -38,11 +39,23 @@ JOB_KEYS = {
     "seed": int,
     "node_times": bool,
 }
+OPTIONAL_KEYS = {"min_time_s": (int, float)}
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
 # Limits that keep a hostile or mistaken job from pinning a board for hours.
 MAX_REPEATS = 100_000
 MAX_MODELS = 5_000
+MAX_MIN_TIME_S = 600.0
+# The quiet statistic: the timed window is cut, in time order, into blocks of about this
+# many milliseconds (at least MIN_BLOCK_RUNS runs each); a block whose median is within
+# QUIET_TOLERANCE of the fastest block's ran undisturbed.
+BLOCK_MS = 50.0
+MIN_BLOCK_RUNS = 5
+QUIET_TOLERANCE = 0.05
+# Timing goes on past min_time_s (up to EXTEND_FACTOR x min_time_s) while fewer than
+# this fraction of the runs are quiet: the window began in a disturbed stretch.
+QUIET_ENOUGH = 0.25
+EXTEND_FACTOR = 3
 _MEMORY_FAILURE = re.compile(
     r"bad_alloc|failed to allocate|out of memory|cannot allocate|memoryerror|"
     r"allocation failed|not enough memory",
@@ -66,7 +79,7 @@ def validate_job(job: Any) -> dict[str, Any]:
     """Check a job's keys, types and ranges (it may come from the network)."""
     if not isinstance(job, dict):
         raise JobError("the job must be a JSON object")
-    unknown = set(job) - set(JOB_KEYS)
+    unknown = set(job) - set(JOB_KEYS) - set(OPTIONAL_KEYS)
     if unknown:
         raise JobError(f"unknown job keys: {', '.join(sorted(unknown))}")
     for key, kind in JOB_KEYS.items():
@@ -80,6 +93,11 @@ def validate_job(job: Any) -> dict[str, Any]:
             raise JobError(f"job key {key!r} must be between 1 and {MAX_REPEATS}")
     if not 0 <= job["warmup"] <= MAX_REPEATS:
         raise JobError(f"job key 'warmup' must be between 0 and {MAX_REPEATS}")
+    for key, kind in OPTIONAL_KEYS.items():
+        if key in job and (isinstance(job[key], bool) or not isinstance(job[key], kind)):
+            raise JobError(f"job key {key!r} has the wrong type ({type(job[key]).__name__})")
+    if not 0 <= job.get("min_time_s", 0) <= MAX_MIN_TIME_S:
+        raise JobError(f"job key 'min_time_s' must be between 0 and {MAX_MIN_TIME_S:g}")
     if job["graph_optimization"] not in GRAPH_LEVELS:
         raise JobError(f"graph_optimization must be one of {', '.join(GRAPH_LEVELS)}")
     if job["execution_mode"] not in EXECUTION_MODES:
@@ -169,6 +187,63 @@ def _last_json_line(text: str) -> dict[str, Any] | None:
                 return None
             return value if isinstance(value, dict) else None
     return None
+
+
+# ---------------------------------------------------------------- quiet stretches
+
+
+def quiet_p50(samples_ns: Any) -> tuple[float, float]:
+    """(median ms over the undisturbed stretches of a timed window, fraction of runs in them).
+
+    On a shared machine a core is now and then slowed for a second or so at a time
+    (another tenant on the hyperthread sibling, another process); a figure taken over
+    such a stretch says more about the neighbours than about the model. The window is
+    cut in time order into blocks of about BLOCK_MS; blocks whose median is within
+    QUIET_TOLERANCE of the fastest block's median are the quiet ones, and their runs give
+    the median. With too few runs for two blocks it is the plain median.
+    """
+    import numpy as np
+
+    ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    if ms.size == 0:
+        raise ValueError("no timed runs")
+    total = float(ms.sum())
+    blocks = int(min(ms.size // MIN_BLOCK_RUNS, round(total / BLOCK_MS)))
+    if blocks < 2:
+        return float(np.median(ms)), 1.0
+    ends = np.cumsum(ms)
+    # A run belongs to the block in which it ended (the last one ends exactly at total).
+    which = np.minimum((ends / (total / blocks) - 1e-9).astype(int), blocks - 1)
+    medians = np.full(blocks, np.inf)
+    for b in range(blocks):
+        part = ms[which == b]
+        if part.size:
+            medians[b] = np.median(part)
+    quiet = np.isin(which, np.nonzero(medians <= medians.min() * (1 + QUIET_TOLERANCE))[0])
+    return float(np.median(ms[quiet])), float(quiet.mean())
+
+
+def _time_runs(session: Any, feeds: dict, repeats: int, min_time_s: float) -> list[int]:
+    """At least `repeats` timed runs and at least min_time_s of them; longer (up to
+    EXTEND_FACTOR x min_time_s) while too few of the runs were quiet."""
+    min_ns = int(min_time_s * 1e9)
+    max_ns = EXTEND_FACTOR * min_ns
+    samples: list[int] = []
+    began = time.perf_counter_ns()
+    next_check = began + min_ns
+    while True:
+        start = time.perf_counter_ns()
+        session.run(None, feeds)
+        now = time.perf_counter_ns()
+        samples.append(now - start)
+        if len(samples) < repeats or now < next_check:
+            continue
+        if now - began >= max_ns or len(samples) >= MAX_REPEATS:
+            break
+        if quiet_p50(samples)[1] >= QUIET_ENOUGH:
+            break
+        next_check = now + int(BLOCK_MS * 4e6)  # look again in four blocks' time
+    return samples
 
 
 # ---------------------------------------------------------------- worker side
@@ -351,11 +426,7 @@ def _measure_one(ort: Any, entry: dict[str, str], job: dict[str, Any], threads: 
         feeds = _inputs(session, rng)
         for _ in range(job["warmup"]):
             session.run(None, feeds)
-        samples = []
-        for _ in range(job["repeats"]):
-            start = time.perf_counter_ns()
-            session.run(None, feeds)
-            samples.append(time.perf_counter_ns() - start)
+        samples = _time_runs(session, feeds, job["repeats"], float(job.get("min_time_s", 0.0)))
         result.update(status="ok", samples_ns=samples)
         result["providers"] = session.get_providers()
         if profile_dir is not None:
