@@ -69,9 +69,9 @@ class ReferenceTiming:
     name: str
     family: str
     precision: str
-    # p10 of the end-to-end runs, in table units (device ms on a board, host ms when
-    # emulated): on a shared machine runs preempted by other work inflate the p50, and the
-    # table's rows (per-kernel times) do not see preemption either.
+    # quiet_p50 of the end-to-end runs, in table units (device ms on a board, host ms when
+    # emulated): on a shared machine stretches slowed by other work inflate the plain p50,
+    # and the table's rows (fastest per-kernel times) do not see them either.
     ms: float
     host_ms: float | None = None
 
@@ -372,7 +372,7 @@ def profile_device(
             source="measured",
             note=f"measured by `edgecompress profile` on {today} through the agent at "
             f"{remote} ({info.get('machine', '?')}, onnxruntime {info.get('ort_version', '?')}): "
-            f"median device/host ratio of p10s over {how}",
+            f"median device/host ratio of quiet p50s over {how}",
         )
         if arm_block is not None:
             calibration = dataclasses.replace(calibration, arm=arm_block)

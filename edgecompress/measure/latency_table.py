@@ -99,6 +99,11 @@ class LatencyTable:
     def _index(self) -> _Index:
         return _Index(self.rows, self.channel_multiple)
 
+    def layer_ms(self, key: LayerKey) -> tuple[float, str | None]:
+        """One layer's table time in the table's own ms (as timed, before latency_scale),
+        interpolated between rows, and a note when its precision or shape was approximated."""
+        return self._index.lookup(key)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

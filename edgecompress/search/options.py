@@ -51,6 +51,10 @@ class RunOptions:
     reward: str = "measured"  # or "flops", the comparison mode
     mode: str | None = None  # measuring mode; None: the profile's default
     remote: str | None = None  # URL of an agent on the board
+    # Timing window (s) for each search candidate, at most the profile's min_time_s: the
+    # search compares hundreds of candidates; the final file is verified with the
+    # profile's whole protocol.
+    screen_time_s: float = 0.5
     criterion: str = "l1"
     min_keep: float = 0.2
     bits: tuple[int, ...] = (2, 4, 8)
@@ -69,6 +73,8 @@ class RunOptions:
             raise UsageError(f"--episodes must be at least 1, got {self.episodes}")
         if self.finetune_epochs < 0:
             raise UsageError(f"--finetune-epochs must be 0 or more, got {self.finetune_epochs}")
+        if not 0.0 <= self.screen_time_s <= 600.0:
+            raise UsageError(f"screen_time_s must be between 0 and 600 s, got {self.screen_time_s}")
         if not 0.0 < self.min_keep <= 1.0:
             raise UsageError(f"min_keep must be in (0, 1], got {self.min_keep}")
         if any(b not in (2, 4, 8) for b in self.bits):

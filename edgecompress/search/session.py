@@ -107,13 +107,24 @@ class Session:
             return measure(path, self.profile, mode=options.mode, remote=options.remote, token=token,
                            use_cache=use_cache)  # fmt: skip
 
+        # Candidates are timed over a shorter window than the profile's protocol asks
+        # (the quiet statistic still leaves out disturbed stretches inside it).
+        window = min(self.profile.protocol.min_time_s, options.screen_time_s)
+        protocol = dataclasses.replace(self.profile.protocol, min_time_s=window)
+        screening = dataclasses.replace(self.profile, protocol=protocol)
+
+        def measure_candidate(path: Path, use_cache: bool = True) -> Any:
+            return measure(path, screening, mode=options.mode, remote=options.remote, token=token,
+                           use_cache=use_cache)  # fmt: skip
+
         self.measure = measure_file
         fast_int8 = self.profile.int8_activations in ("uint8", "int8")
         quantize = "quantize" in options.stages
         # Stage 1 measures its candidates as they would ship after stage 2's default.
         self.precision = LayerPlan(8, "int8" if fast_int8 else "float") if quantize else LayerPlan()
         self.ctx = StageContext(
-            profile=self.profile, measure=measure_file, heldout=self.heldout, calibration=self.calibration,
+            profile=self.profile, measure=measure_candidate, heldout=self.heldout,
+            calibration=self.calibration,
             budgets=options.budgets(), workdir=out / "work", mode=options.reward, criterion=options.criterion,
             min_keep=options.min_keep, bits=tuple(options.bits), clusters=tuple(options.clusters),
             classes=tuple(classes) if classes else None, seed=options.seed, table=self.table,

@@ -71,7 +71,7 @@ def table_latency(table: Any, activation_dtype: str) -> Callable[[LayerInfo, Sha
             stride=layer.stride,
             groups=shape.out_channels if layer.op == "dwconv" else 1,
         )
-        return float(table._index.lookup(key)[0]) * float(table.latency_scale)
+        return float(table.layer_ms(key)[0]) * float(table.latency_scale)
 
     return latency
 

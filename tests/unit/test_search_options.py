@@ -32,6 +32,7 @@ def test_given_options_win_over_the_config_file(tmp_path: Path) -> None:
         ({"latency_ms": -1.0}, "--latency-ms must be a positive number"),
         ({"bits": (3,)}, "bits must be chosen from 2, 4, 8"),
         ({"stages": ("prune", "distill")}, "stages must be some of prune, quantize"),
+        ({"screen_time_s": -0.5}, "screen_time_s must be between 0 and 600 s"),
     ],
 )
 def test_bad_settings_say_what_is_wrong(settings: dict, message: str) -> None:
