@@ -136,31 +136,31 @@ def _grid() -> list[LayerKey]:
 
 def test_interpolation_is_exact_on_and_between_rows_of_a_bilinear_device() -> None:
     table = _table(_grid())
-    index = table._index
+    index = table
     for key in (
         LayerKey("Conv", "fp32", "fp32", 32, 64, 16, 3, 1, 1),  # a row
         LayerKey("Conv", "fp32", "fp32", 48, 96, 16, 3, 1, 1),  # between channels
         LayerKey("Conv", "fp32", "fp32", 80, 48, 24, 3, 1, 1),  # and between sizes
     ):
-        ms, note = index.lookup(key)
+        ms, note = index.layer_ms(key)
         assert ms == pytest.approx(_cost(key), rel=1e-9) and note is None
     # Channels round up to the SIMD multiple: 20 channels cost like 32.
-    padded, _ = index.lookup(LayerKey("Conv", "fp32", "fp32", 20, 20, 16, 3, 1, 1))
+    padded, _ = index.layer_ms(LayerKey("Conv", "fp32", "fp32", 20, 20, 16, 3, 1, 1))
     assert padded == pytest.approx(_cost(LayerKey("Conv", "fp32", "fp32", 32, 32, 16, 3, 1, 1)))
     # Beyond the largest rows it grows in proportion.
     big = LayerKey("Conv", "fp32", "fp32", 256, 128, 32, 3, 1, 1)
     edge = LayerKey("Conv", "fp32", "fp32", 128, 128, 32, 3, 1, 1)
-    assert index.lookup(big)[0] == pytest.approx(2 * _cost(edge))
+    assert index.layer_ms(big)[0] == pytest.approx(2 * _cost(edge))
 
 
 def test_what_the_table_lacks_is_approximated_and_said() -> None:
-    index = _table(_grid())._index
-    ms, note = index.lookup(LayerKey("Conv", "fp32", "fp32", 32, 32, 16, 5, 1, 1))
-    assert ms > index.lookup(LayerKey("Conv", "fp32", "fp32", 32, 32, 16, 3, 1, 1))[0]
+    index = _table(_grid())
+    ms, note = index.layer_ms(LayerKey("Conv", "fp32", "fp32", 32, 32, 16, 5, 1, 1))
+    assert ms > index.layer_ms(LayerKey("Conv", "fp32", "fp32", 32, 32, 16, 3, 1, 1))[0]
     assert "k5" in note
-    ms, note = index.lookup(LayerKey("Sigmoid", "none", "fp32", 32, 32, 16))
+    ms, note = index.layer_ms(LayerKey("Sigmoid", "none", "fp32", 32, 32, 16))
     assert ms > 0 and "not in the table" in note
-    ms, note = index.lookup(LayerKey("Conv", "int8", "uint8", 32, 32, 16, 3, 1, 1))
+    ms, note = index.layer_ms(LayerKey("Conv", "int8", "uint8", 32, 32, 16, 3, 1, 1))
     assert ms > 0 and "not in the table" in note
 
 
@@ -168,7 +168,7 @@ def test_prediction_applies_fit_scale_and_streaming(tmp_path: Path) -> None:
     model = vgg((16, 32, 64))
     layers = describe(model)
     plain = _table(_grid())
-    total = sum(plain._index.lookup(x.key)[0] for x in layers)
+    total = sum(plain.layer_ms(x.key)[0] for x in layers)
     assert predict_latency(model, plain) == pytest.approx(total)
     fitted = _table(_grid(), fits={"fp32": Fit(1.5, 0.002, 0.1, 5)})
     assert predict_latency(model, fitted) == pytest.approx(1.5 * total + 0.002 * len(layers) + 0.1)
