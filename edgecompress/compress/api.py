@@ -15,7 +15,7 @@ import copy
 import json
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecompress.compress import pruning
+from edgecompress.compress import pruning, variational
 from edgecompress.compress.finetune import FinetuneConfig, finetune
 from edgecompress.compress.graph import GroupInfo, LayerInfo, ModelGraph, analyze
 from edgecompress.compress.plan import CompressionPlan, GroupPlan, LayerPlan
@@ -209,28 +209,78 @@ def prune_model(model: LoadedModel, plan: CompressionPlan, resolved: Resolved | 
     return LoadedModel(module, spec, model.name, model.weights)
 
 
+def needs_kernel_scores(plan: CompressionPlan, resolved: Resolved) -> bool:
+    """Whether the plan zeroes kernels by trained (variational) scores, which it needs as data."""
+    return plan.kernel_criterion == "variational" and any(
+        lp.kernel_sparsity > 0 for lp in resolved.layers.values()
+    )
+
+
+def _kernel_scores(
+    plan: CompressionPlan,
+    resolved: Resolved,
+    graph: ModelGraph,
+    given: Mapping[str, np.ndarray] | None,
+) -> dict[str, np.ndarray] | None:
+    """Per sparse layer, the given (unpruned model's) kernel scores cut to the kept channels."""
+    if not needs_kernel_scores(plan, resolved):
+        return None
+    if given is None:
+        raise PlanError(
+            "kernel_criterion 'variational' needs trained kernel scores: pass kernel_scores= "
+            "(compress.variational.kernel_scores) or training data (--data)"
+        )
+    uses = {u.name: u for u in graph.uses}
+    out: dict[str, np.ndarray] = {}
+    for name, lp in resolved.layers.items():
+        if lp.kernel_sparsity <= 0:
+            continue
+        if name not in given:
+            raise PlanError(f"no variational kernel scores for layer {name!r}; compute them on this model")
+        use, scores = uses[name], np.asarray(given[name], np.float64)
+        rows = graph.positions(use.out, resolved.keep)
+        if resolved.classes is not None and name == graph.output_layer:
+            rows = np.asarray(resolved.classes, np.int64)
+        depthwise = use.kind == "depthwise"
+        cols = np.zeros(1, np.int64) if depthwise else graph.positions(use.inp, resolved.keep)
+        full = (len(graph.positions(use.out, None)), 1 if depthwise else len(graph.positions(use.inp, None)))
+        if scores.shape != full:
+            raise PlanError(
+                f"kernel scores for layer {name!r} have shape {scores.shape}; the unpruned layer has "
+                f"{full[0]} x {full[1]} kernels"
+            )
+        out[name] = scores[np.ix_(rows, cols)]
+    return out
+
+
 def simulate(
     model: LoadedModel,
     plan: CompressionPlan,
     resolved: Resolved,
     calibration: np.ndarray | None,
     graph: ModelGraph,
+    kernel_scores: Mapping[str, np.ndarray] | None = None,
 ) -> LoadedModel:
-    """The weight/activation part of a plan on a pruned model (`graph`: the unpruned one's)."""
+    """The weight/activation part of a plan on a pruned model (`graph`: the unpruned one's).
+
+    `kernel_scores`: per layer of the unpruned model, (out, in) kernel importances, needed
+    when the plan's kernel_criterion is "variational".
+    """
     plans = layer_plans(resolved.layers)
     if not plans:
         return model
     base = to_onnx_model(model.module, model.spec)
     # Pruning keeps layer names and call order, so the unpruned graph names the nodes.
     name_layers(base, [u.name for u in graph.uses if u.kind in ("conv", "depthwise", "linear")])
-    sim = SimulatedModel(base, plans, plan.activation_dtype, plan.seed)
+    scores = _kernel_scores(plan, resolved, graph, kernel_scores)
+    sim = SimulatedModel(base, plans, plan.activation_dtype, plan.seed, kernel_scores=scores)
     if len(sim.acts):
         if calibration is None or len(calibration) == 0:
             raise PlanError(
                 "int8 activations need calibration images: pass calibration= (a few hundred "
                 "training images) or --data"
             )
-        sim.calibrate(_batches(calibration, model.spec))
+        sim.calibrate(_batches(calibration, model.spec), plan.activation_calibration)
     sim.eval()
     return LoadedModel(sim, model.spec, model.name, model.weights)
 
@@ -241,18 +291,21 @@ def apply(
     *,
     calibration: np.ndarray | None = None,
     recalibrate: bool = True,
+    kernel_scores: Mapping[str, np.ndarray] | None = None,
 ) -> LoadedModel:
     """The compressed model a plan describes, as a LoadedModel that torch evaluates and trains.
 
     `calibration` (uint8 images, a few hundred training images) recomputes BatchNorm
     statistics after pruning (unless recalibrate=False) and sets int8 activation ranges.
+    `kernel_scores` (variational.kernel_scores of `model`) pick the zeroed kernels when the
+    plan's kernel_criterion is "variational".
     """
     resolved = validate(plan, model)
     pruned = prune_model(model, plan, resolved)
     cut = bool(resolved.keep) or resolved.classes is not None
     if cut and calibration is not None and recalibrate:
         recalibrate_bn(pruned.module, calibration, pruned.spec)
-    return simulate(pruned, plan, resolved, calibration, analyze_model(model))
+    return simulate(pruned, plan, resolved, calibration, analyze_model(model), kernel_scores)
 
 
 def uniform_plan(
@@ -265,8 +318,10 @@ def uniform_plan(
     kernel_sparsity: float = 0.0,
     channel_multiple: int = 1,
     criterion: str = "l1",
+    kernel_criterion: str = "l2",
     first_last: str = "int8",
     activation_dtype: str = "uint8",
+    activation_calibration: str | None = None,
 ) -> CompressionPlan:
     """One setting for every group and layer (the first and last layer per `first_last`)."""
     groups: dict[str, GroupPlan] = {}
@@ -278,11 +333,14 @@ def uniform_plan(
         groups=groups,
         default=LayerPlan(weight_bits, activations, clusters, kernel_sparsity),
         criterion=criterion,
+        kernel_criterion=kernel_criterion,
         channel_multiple=channel_multiple,
         first_last=first_last,
         activation_dtype=activation_dtype,
         model=model.name if model is not None else None,
     )
+    if activation_calibration is not None:
+        plan = replace(plan, activation_calibration=activation_calibration)
     plan.check()
     return plan
 
@@ -336,14 +394,28 @@ def compress_model(
     calibration: Dataset | None = None,
     finetune_epochs: int = 0,
     config: FinetuneConfig | None = None,
+    kernel_scores: Mapping[str, np.ndarray] | None = None,
+    variational_config: variational.VariationalConfig | None = None,
     progress: Progress | None = None,
 ) -> tuple[LoadedModel, Resolved]:
     """Apply a plan with BN recalibration and, given data, fine-tuning after each stage.
 
     Each stage that changes the model (pruning; then quantization/sharing) is
-    fine-tuned for `finetune_epochs` epochs with distillation from `model`.
+    fine-tuned for `finetune_epochs` epochs with distillation from `model`. A plan with
+    kernel_criterion "variational" uses `kernel_scores`, or trains them on `train`
+    (`variational_config`; default: its defaults with the plan's seed).
     """
     resolved = validate(plan, model)
+    if kernel_scores is None and needs_kernel_scores(plan, resolved):
+        if train is None:
+            raise PlanError(
+                "kernel_criterion 'variational' trains its kernel scores on training images: "
+                "give training data (--data) or kernel_scores"
+            )
+        config_v = variational_config or variational.VariationalConfig(seed=plan.seed)
+        kernel_scores = variational.kernel_scores(
+            model.module, model.spec, train, config=config_v, progress=progress
+        )
     source = calibration if calibration is not None else train
     calib = source.take(CALIBRATION_IMAGES, seed=plan.seed).x if source is not None else None
     cfg = replace(config or FinetuneConfig(), epochs=finetune_epochs)
@@ -358,7 +430,7 @@ def compress_model(
             stage = _stage(cfg, "prune")
             finetune(pruned.module, pruned.spec, train, teacher=model.module,
                      teacher_classes=teacher_classes, config=stage, progress=progress)  # fmt: skip
-    compressed = simulate(pruned, plan, resolved, calib, analyze_model(model))
+    compressed = simulate(pruned, plan, resolved, calib, analyze_model(model), kernel_scores)
     if compressed is not pruned and train is not None and finetune_epochs > 0:
         if progress:
             progress("quantization-aware fine-tuning", 0.0)
@@ -462,6 +534,8 @@ def export_compressed(
     weight_bits: int | None = None,
     activations: str | None = None,
     clusters: int | None = None,
+    kernel_sparsity: float | None = None,
+    kernel_criterion: str | None = None,
     channel_multiple: int = 1,
     data: str | None = None,
     finetune_epochs: int = 0,
@@ -470,11 +544,11 @@ def export_compressed(
     progress: Progress | None = None,
 ) -> PlanExport:
     """`edgecompress export` with a plan file or a uniform plan given by flags (CLI entry)."""
-    uniform = (keep_ratio, weight_bits, activations, clusters)
+    uniform = (keep_ratio, weight_bits, activations, clusters, kernel_sparsity, kernel_criterion)
     if plan is not None and any(v is not None for v in uniform):
         raise UsageError(
             "give either --plan or the uniform flags (--keep-ratio, --weight-bits, --activations, "
-            "--clusters), not both"
+            "--clusters, --kernel-sparsity, --kernel-criterion), not both"
         )
     if finetune_epochs and not data:
         raise UsageError("--finetune-epochs needs training data: add --data SPEC (e.g. cifar10:DIR)")
@@ -485,6 +559,7 @@ def export_compressed(
         bits = weight_bits if weight_bits is not None else (8 if acts == "int8" else 32)
         chosen = uniform_plan(
             loaded, keep_ratio if keep_ratio is not None else 1.0, bits, acts, clusters or 0,
+            kernel_sparsity=kernel_sparsity or 0.0, kernel_criterion=kernel_criterion or "l2",
             channel_multiple=channel_multiple,
         )  # fmt: skip
     else:

@@ -34,7 +34,12 @@ VERSION = 1
 WEIGHT_BITS = (32, 8, 4, 2)
 ACTIVATIONS = ("float", "int8")
 ACTIVATION_DTYPES = ("uint8", "int8")
+# How int8 activation ranges are set from calibration images (quantization.CALIBRATION_METHODS).
+ACTIVATION_CALIBRATIONS = ("minmax", "percentile", "mse")
+# Plans written before the field existed were calibrated by min/max; they still are.
+LEGACY_CALIBRATION = "minmax"
 FIRST_LAST = ("int8", "float", "same")
+KERNEL_CRITERIA = ("l2", "variational")  # which k x k kernels kernel_sparsity zeroes
 MAX_CLUSTERS = 256
 
 
@@ -72,9 +77,12 @@ class CompressionPlan:
     layers: Mapping[str, LayerPlan] = field(default_factory=dict)
     default: LayerPlan = LayerPlan()
     criterion: str = "l1"
+    # "variational": trained per-kernel scores (compress/variational.py), given as data
+    kernel_criterion: str = "l2"
     channel_multiple: int = 1
     first_last: str = "int8"  # first/last layer: at least 8-bit, float, or as the rest
     activation_dtype: str = "uint8"  # signedness of int8 activations the device runs fast
+    activation_calibration: str = "mse"  # how int8 activation ranges are set: minmax|percentile|mse
     classes: tuple[int, ...] | None = None  # keep only these output classes, in this order
     model: str | None = None
     seed: int = 0
@@ -92,8 +100,11 @@ class CompressionPlan:
             channel_multiple=self.channel_multiple,
             first_last=self.first_last,
             activation_dtype=self.activation_dtype,
+            activation_calibration=self.activation_calibration,
             seed=self.seed,
         )
+        if self.kernel_criterion != "l2":  # plans without it stay as they were written
+            out["kernel_criterion"] = self.kernel_criterion
         if self.classes is not None:
             out["classes"] = list(self.classes)
         out["default"] = asdict(self.default)
@@ -134,9 +145,11 @@ class CompressionPlan:
             layers={str(k): _layer_plan(v, default, f"layer {k!r}") for k, v in layers.items()},
             default=default,
             criterion=str(data.get("criterion", "l1")),
+            kernel_criterion=str(data.get("kernel_criterion", "l2")),
             channel_multiple=_int(data.get("channel_multiple", 1), "channel_multiple"),
             first_last=str(data.get("first_last", "int8")),
             activation_dtype=str(data.get("activation_dtype", "uint8")),
+            activation_calibration=str(data.get("activation_calibration", LEGACY_CALIBRATION)),
             classes=tuple(_int(c, "classes") for c in classes) if classes is not None else None,
             model=data.get("model"),
             seed=_int(data.get("seed", 0), "seed"),
@@ -172,6 +185,15 @@ class CompressionPlan:
             raise PlanError(
                 f"activation_dtype must be uint8 or int8 (the signedness the device runs fast), "
                 f"not {self.activation_dtype!r}"
+            )
+        if self.activation_calibration not in ACTIVATION_CALIBRATIONS:
+            raise PlanError(
+                f"activation_calibration must be one of {', '.join(ACTIVATION_CALIBRATIONS)}, "
+                f"not {self.activation_calibration!r}"
+            )
+        if self.kernel_criterion not in KERNEL_CRITERIA:
+            raise PlanError(
+                f"kernel_criterion must be one of {', '.join(KERNEL_CRITERIA)}, not {self.kernel_criterion!r}"
             )
         if self.channel_multiple < 1:
             raise PlanError(f"channel_multiple must be at least 1, not {self.channel_multiple}")

@@ -2,9 +2,14 @@
 
 Weights: per-output-channel symmetric integers of 8, 4 or 2 bits (the scale clips to
 the mean-squared-error optimum for 4 and 2 bits, to the max for 8). Activations:
-per-tensor affine 8-bit, ranges calibrated on images. The rounding is the one
-onnxruntime uses (half to even, saturate), so the torch simulation and the QDQ file
-compute the same numbers.
+per-tensor affine 8-bit, ranges calibrated on images by one of `CALIBRATION_METHODS`
+(min/max, a percentile, or the mean-squared-error optimum of a histogram). The rounding
+is the one onnxruntime uses (half to even, saturate), so the torch simulation and the
+QDQ file compute the same numbers, up to ties: onnxruntime's fused kernels (QLinearConv
+requantization, QLinearAdd's rescaling) order their float operations differently, so a
+value within ~1e-5 of a rounding midpoint may land one step apart (measured: ~1e-6 of
+QLinearConv outputs, ~3e-5 of QLinearAdd outputs). A trained network absorbs such
+one-step differences; a random or broken one can amplify them into a different top-1.
 
 What onnxruntime 1.32 does with them (measured on this x86 host, see
 benchmarks/RESULTS.md): DQ(int8 weights) + Q/DQ activations around Conv fuse into
@@ -94,10 +99,11 @@ def fake_quant_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class ActQuant(nn.Module):
-    """Per-tensor affine 8-bit quantization of one activation tensor, calibrated by min/max.
+    """Per-tensor affine 8-bit quantization of one activation tensor, calibrated on images.
 
-    In `observe` mode it records the range and passes values through; afterwards it
-    rounds onto the grid (zero exactly representable, as ONNX requires).
+    In `observe` mode it records the range (or, once `histogram` is set, a histogram over
+    that range) and passes values through; afterwards it rounds onto the grid (zero
+    exactly representable, as ONNX requires).
     """
 
     def __init__(self) -> None:
@@ -106,8 +112,15 @@ class ActQuant(nn.Module):
         self.register_buffer("hi", torch.zeros(()))
         self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
         self.observing = False
+        self.histogram: torch.Tensor | None = None  # counts over [lo, hi] while calibrating
 
     def observe(self, x: torch.Tensor) -> None:
+        if self.histogram is not None:
+            if self.hi > self.lo:
+                self.histogram += torch.histc(
+                    x.detach().float(), len(self.histogram), float(self.lo), float(self.hi)
+                )
+            return
         lo, hi = x.detach().min(), x.detach().max()
         if bool(self.seen):
             lo, hi = torch.minimum(lo, self.lo), torch.maximum(hi, self.hi)
@@ -132,6 +145,60 @@ class ActQuant(nn.Module):
         # torch's fused kernel: round half to even, saturate, straight-through inside the
         # range; 5x faster than composing the ops, which matters for calibration and parity.
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero.reshape(1).int(), 0, 255)
+
+
+# -- choosing an activation range from a histogram ----------------------------------------
+
+HISTOGRAM_BINS = 2048
+PERCENTILE = 99.99  # of the values kept inside the range, on each side
+_RANGE_STEPS = 200  # candidate ends lo*k/200, hi*k/200 for the MSE search
+
+
+def _centers(hist: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    width = (hi - lo) / len(hist)
+    return lo + width * (torch.arange(len(hist), dtype=torch.float64) + 0.5)
+
+
+def percentile_range(hist: torch.Tensor, lo: float, hi: float) -> tuple[float, float]:
+    """Cut PERCENTILE's complement of the mass off each tail (never past zero)."""
+    cdf = torch.cumsum(hist.double(), 0)
+    total = float(cdf[-1])
+    if total <= 0:
+        return lo, hi
+    edges = torch.linspace(lo, hi, len(hist) + 1, dtype=torch.float64)
+    tail = total * (1.0 - PERCENTILE / 100.0)
+    first = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=torch.float64), right=True))
+    last = int(torch.searchsorted(cdf, torch.tensor(total - tail, dtype=torch.float64)))
+    return min(float(edges[first]), 0.0), max(float(edges[min(last + 1, len(hist))]), 0.0)
+
+
+def _grid_error(n: torch.Tensor, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared error of each candidate range [a_k, b_k] on a histogram (counts n at centers c),
+    each value quantized as the activation grid does (uint8, zero exactly representable)."""
+    scale = ((b - a) / 255.0).clamp_min(1e-30)[:, None]
+    zero = torch.clamp(torch.round(-a[:, None] / scale), 0, 255)
+    q = (torch.clamp(torch.round(c[None, :] / scale) + zero, 0, 255) - zero) * scale
+    return ((q - c[None, :]) ** 2 * n[None, :]).sum(1)
+
+
+def mse_range(hist: torch.Tensor, lo: float, hi: float) -> tuple[float, float]:
+    """The range with the least squared quantization error (clipping plus rounding) over the
+    histogram: each end searched on lo*k/200, hi*k/200 in turn, twice (coordinate descent)."""
+    n = hist.double()
+    c = _centers(hist, lo, hi)
+    ratios = torch.arange(1, _RANGE_STEPS + 1, dtype=torch.float64) / _RANGE_STEPS
+    a, b = lo, hi
+    for _ in range(2):
+        ends = hi * ratios
+        b = float(ends[torch.argmin(_grid_error(n, c, torch.full_like(ends, a), ends))])
+        if lo < 0:
+            ends = lo * ratios
+            a = float(ends[torch.argmin(_grid_error(n, c, ends, torch.full_like(ends, b)))])
+    return a, b
+
+
+# Method name -> range chooser over a histogram of the tensor's values (None: min/max).
+CALIBRATION_METHODS = {"minmax": None, "percentile": percentile_range, "mse": mse_range}
 
 
 # -- where Q/DQ pairs go in the exported graph ------------------------------------------

@@ -178,8 +178,14 @@ def _opset_for(types: set[int]) -> int:
 
 
 @torch.no_grad()
-def to_onnx(sim: SimulatedModel, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    """The simulated model as an ONNX ModelProto that computes what `sim` computes."""
+def to_onnx(
+    sim: SimulatedModel, metadata: dict[str, str] | None = None, compact: bool = True
+) -> onnx.ModelProto:
+    """The simulated model as an ONNX ModelProto that computes what `sim` computes.
+
+    compact=False keeps the graph's tensor names (an activation's Q/DQ outputs are
+    "<tensor>_q"/"<tensor>_dq"), so a tensor can be compared with the simulation's.
+    """
     sim = sim.cpu().eval()
     b = _Builder()
     act_type = TensorProto.UINT8 if sim.activation_dtype == "uint8" else TensorProto.INT8
@@ -276,7 +282,8 @@ def to_onnx(sim: SimulatedModel, metadata: dict[str, str] | None = None) -> onnx
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    compact_names(model, set(sim.layer_names))
+    if compact:
+        compact_names(model, set(sim.layer_names))
     return model
 
 

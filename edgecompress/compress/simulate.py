@@ -11,7 +11,7 @@ and because it is an nn.Module it fine-tunes (QAT, codebook training) like any m
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -22,6 +22,8 @@ from torch import nn
 from edgecompress.compress.onnx_ops import attributes, fold_constants, run_node
 from edgecompress.compress.plan import LayerPlan
 from edgecompress.compress.quantization import (
+    CALIBRATION_METHODS,
+    HISTOGRAM_BINS,
     LAYER_OPS,
     ActQuant,
     codebook_scale,
@@ -53,12 +55,19 @@ class _MeanGradient(torch.autograd.Function):
 class LayerWeights(nn.Module):
     """One layer's weight and bias as the plan stores them (mask, codebook, integer grid)."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, plan: LayerPlan, seed: int):
+    def __init__(
+        self,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        plan: LayerPlan,
+        seed: int,
+        scores: np.ndarray | None = None,  # per-kernel importance (O, I); None: L2 norm
+    ):
         super().__init__()
         self.plan = plan
         self.bits = plan.weight_bits
         self.int8 = plan.activations == "int8"
-        mask = kernel_mask(weight, plan.kernel_sparsity)
+        mask = kernel_mask(weight, plan.kernel_sparsity, scores)
         self.register_buffer("mask", None if mask is None else torch.from_numpy(mask))
         self.zero_slot = False
         if plan.clusters:
@@ -160,6 +169,7 @@ class SimulatedModel(nn.Module):
         plans: dict[str, LayerPlan],
         activation_dtype: str = "uint8",
         seed: int = 0,
+        kernel_scores: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         self.base = fold_constants(copy.deepcopy(base))
@@ -181,7 +191,9 @@ class SimulatedModel(nn.Module):
                 raise ExportError(f"layer {node.name}: Gemm without transB is not supported")
             plan = plans.get(node.name, LayerPlan())
             bias = inits[b_name].astype(np.float32) if b_name else None
-            layers[f"L{len(layers)}"] = LayerWeights(inits[w_name].astype(np.float32), bias, plan, seed)
+            scores = (kernel_scores or {}).get(node.name)
+            weight = inits[w_name].astype(np.float32)
+            layers[f"L{len(layers)}"] = LayerWeights(weight, bias, plan, seed, scores)
             self.layer_names.append(node.name)
             weight_tensors.update({w_name, b_name} - {None})
         self.layers = nn.ModuleDict(layers)
@@ -218,6 +230,10 @@ class SimulatedModel(nn.Module):
         return getattr(self, f"c{self.const_names.index(name)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tensors(x)[self.output_name]
+
+    def tensors(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every tensor of the graph as simulated (quantized ones on their grid), by name."""
         consts = {n: getattr(self, f"c{k}") for k, n in enumerate(self.const_names)}
         values: dict[str, torch.Tensor] = {self.input_name: self._quant(self.input_name, x)}
         for node, attrs in self._nodes:
@@ -234,7 +250,7 @@ class SimulatedModel(nn.Module):
             outputs = run_node(node, inputs, attrs)
             for name, value in zip(node.output, outputs, strict=False):
                 values[name] = self._quant(name, value)
-        return values[self.output_name]
+        return values
 
     def _quant(self, name: str, value: torch.Tensor) -> torch.Tensor:
         if name in self.points.tied:
@@ -245,24 +261,52 @@ class SimulatedModel(nn.Module):
         return self.acts[key](value) if key is not None else value
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
-        """Record each quantized tensor's float range over the batches (min/max)."""
+    def calibrate(self, batches: Iterable[torch.Tensor], method: str = "minmax") -> None:
+        """Set each quantized tensor's range from the float values it takes on the batches.
+
+        `method` (see quantization.CALIBRATION_METHODS): "minmax" keeps the whole observed
+        range; "percentile" and "mse" make a second pass that histograms each tensor over
+        that range and clip it (a percentile of the values; the least squared error).
+        """
+        if method not in CALIBRATION_METHODS:
+            raise PlanError(
+                f"unknown activation calibration {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}"
+            )
+        batches = list(batches)
+        if not batches and len(self.acts):
+            raise PlanError("int8 activations need calibration images; none were given")
+        for aq in self.acts.values():
+            aq.seen.fill_(False)
+        self._observe(batches)
+        choose = CALIBRATION_METHODS[method]
+        if choose is None:
+            return
+        for aq in self.acts.values():
+            aq.histogram = torch.zeros(HISTOGRAM_BINS, device=aq.lo.device)
+        try:
+            self._observe(batches)
+            for aq in self.acts.values():
+                lo, hi = float(aq.lo), float(aq.hi)
+                if hi > lo:
+                    a, b = choose(aq.histogram, lo, hi)
+                    aq.lo.fill_(min(a, 0.0))
+                    aq.hi.fill_(max(b, 0.0))
+        finally:
+            for aq in self.acts.values():
+                aq.histogram = None
+
+    def _observe(self, batches: list[torch.Tensor]) -> None:
         was_training = self.training
         self.eval()
         for aq in self.acts.values():
-            aq.seen.fill_(False)
             aq.observing = True
-        seen = False
         try:
             for batch in batches:
                 self(batch)
-                seen = True
         finally:
             for aq in self.acts.values():
                 aq.observing = False
             self.train(was_training)
-        if not seen and len(self.acts):
-            raise PlanError("int8 activations need calibration images; none were given")
 
 
 def layer_plans(plans: dict[str, LayerPlan]) -> dict[str, LayerPlan]:
