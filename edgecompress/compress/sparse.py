@@ -1,8 +1,8 @@
 """Kernel-wise (2-D) pruning: whole k x k kernels set to zero, stored sparse where smaller.
 
-The two-stage DRL paper prunes whole 2-D kernels with a variational criterion; here
-the kernels with the smallest L2 norm go (magnitude is the standard stand-in when no
-variational scores are trained; scores can be passed in). In the file a weight with
+The two-stage DRL paper prunes whole 2-D kernels with a variational criterion. By
+default the kernels with the smallest L2 norm go; a plan with kernel_criterion
+"variational" passes in per-kernel scores trained by compress/variational.py. In the file a weight with
 zeroed kernels is written as an ONNX sparse initializer only when that serializes to
 fewer bytes than the dense tensor: ONNX sparse tensors carry one INT64 index per
 non-zero *element*, so for float weights it pays only below ~1/3 density and for int8
@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from edgecompress.errors import PlanError
 
 # Element types whose values onnxruntime densifies from a sparse initializer.
 SPARSE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
@@ -27,6 +29,8 @@ def kernel_mask(weight: np.ndarray, sparsity: float, scores: np.ndarray | None =
     if sparsity <= 0.0 or weight.ndim != 4 or weight.shape[2] * weight.shape[3] == 1:
         return None
     o, i = weight.shape[:2]
+    if scores is not None and np.shape(scores) != (o, i):
+        raise PlanError(f"kernel scores have shape {np.shape(scores)}; the weight has {o} x {i} kernels")
     norms = np.sqrt((weight.astype(np.float64) ** 2).sum((2, 3))) if scores is None else scores
     drop = int(np.floor(sparsity * o * i))
     mask = np.ones((o, i), np.float32)
