@@ -377,8 +377,10 @@ def streaming_ms(layers: Sequence[Layer], table: LatencyTable) -> float:
     if not table.streaming:
         return 0.0
     mb = weight_mb(layers)
-    points = sorted(table.streaming)
-    per_mb = _interp([p[0] for p in points], [p[1] for p in points], mb) if mb > points[0][0] else 0.0
+    # Below the smallest probe the cost per MB falls off linearly to nothing at 0 MB
+    # (rather than jumping from 0 to the first probe's figure).
+    points = [(0.0, 0.0), *sorted(table.streaming)]
+    per_mb = _interp([p[0] for p in points], [p[1] for p in points], mb)
     if mb > points[-1][0]:
         per_mb = points[-1][1]  # fully streamed: no more per MB beyond the probe
     return max(per_mb, 0.0) * mb

@@ -181,6 +181,9 @@ def test_prediction_applies_fit_scale_and_streaming(tmp_path: Path) -> None:
     weight_mb = sum(x.params for x in layers) * 4 / 2**20
     assert weight_mb > 0.1
     assert predict_latency(model, streamed) == pytest.approx(total + 2.0 * weight_mb)
+    # Below the smallest probe the cost per MB ramps from nothing (no jump at the probe).
+    ramp = _table(_grid(), streaming=((2 * weight_mb, 1.0), (4 * weight_mb, 2.0)))
+    assert predict_latency(model, ramp) == pytest.approx(total + 0.5 * weight_mb)
     path = save_table(streamed, tmp_path / "t.json")
     assert load_table(path) == streamed
     assert predict_latency(model, path) == pytest.approx(predict_latency(model, streamed))
