@@ -203,7 +203,7 @@ def test_calibration_ranges_differ_by_method_on_the_same_images() -> None:
 def test_plan_json_keeps_min_max_for_old_plans_and_round_trips_the_method() -> None:
     old = {"format": "edgecompress-plan", "version": 1, "default": {"weight_bits": 8, "activations": "int8"}}
     assert CompressionPlan.from_dict(old).activation_calibration == "minmax"  # as those files were made
-    assert CompressionPlan().activation_calibration == "mse"
+    assert CompressionPlan().activation_calibration == "minmax"
     plan = uniform_plan(weight_bits=8, activations="int8", activation_calibration="percentile")
     again = CompressionPlan.from_json(plan.to_json())
     assert again == plan and json.loads(plan.to_json())["activation_calibration"] == "percentile"
