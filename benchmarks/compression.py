@@ -346,6 +346,8 @@ def zoo(args: argparse.Namespace) -> None:
     MobileNetV2 both so and briefly trained (`briefly_trained_mobilenetv2`). No
     fine-tuning: this checks that any plan on any zoo model exports and agrees.
     """
+    import torch
+
     from edgecompress.compress.api import recalibrate_bn
 
     data = f"cifar10:{args.cifar}"
@@ -372,8 +374,9 @@ def zoo(args: argparse.Namespace) -> None:
             trained_info = {**info, "top1": evaluate(model, test).top1}
             source = "trained briefly (below)"
         else:
+            torch.manual_seed(0)  # random-weight models: the same weights every run
             model = load_model(name, Path(args.weights).parent / file if file else None)
-            source = file or "random, BN set"
+            source = file or "random, BN set (seed 0)"
             if file is None:
                 recalibrate_bn(model.module, train.take(1024, seed=1).x, model.spec)
         fp32 = write_onnx(model.module, model.spec, work / f"{name}.onnx").stat().st_size
