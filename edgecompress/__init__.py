@@ -32,6 +32,7 @@ _API = {
     "describe_layers": "edgecompress.compress.api:describe_layers",
     "recalibrate_bn": "edgecompress.compress.api:recalibrate_bn",
     "size_report": "edgecompress.compress.sizing:size_report",
+    "kernel_scores": "edgecompress.compress.variational:kernel_scores",
     "finetune": "edgecompress.compress.finetune:finetune",
     "run_demo": "edgecompress.demo:run_demo",
     "compress": "edgecompress.pipeline:compress",

@@ -175,6 +175,12 @@ def evaluate(model, weights, data_spec, split, classes, input_spec, as_json) -> 
 @click.option("--weight-bits", type=click.Choice(["32", "8", "4", "2"]), help="Uniform plan: weight bits.")
 @click.option("--activations", type=click.Choice(["int8", "float"]), help="Uniform plan: activations.")
 @click.option("--clusters", type=int, help="Uniform plan: shared weights per layer (k-means).")
+@click.option("--kernel-sparsity", type=float, help="Uniform plan: fraction of whole k x k kernels zeroed.")
+@click.option(
+    "--kernel-criterion",
+    type=click.Choice(["l2", "variational"]),
+    help="Which kernels --kernel-sparsity zeroes: smallest L2 norm, or variational gates trained on --data.",
+)
 @click.option("--channel-multiple", default=1, show_default=True, help="Round kept channels to this.")
 @click.option("--data", help="Dataset spec: calibration, fine-tuning and parity (e.g. cifar10:DIR).")
 @click.option("--finetune-epochs", default=0, show_default=True, help="Fine-tune epochs per stage.")
@@ -186,7 +192,8 @@ def export(model, weights, out, opset, parity_data, input_spec, force, as_json, 
     """
     from edgecompress.api import export_model
 
-    uniform = ("plan", "keep_ratio", "weight_bits", "activations", "clusters")
+    uniform = ("plan", "keep_ratio", "weight_bits", "activations", "clusters", "kernel_sparsity",
+               "kernel_criterion")  # fmt: skip
     if any(plan_flags[k] is not None for k in uniform):
         from edgecompress.compress.api import export_compressed
 
