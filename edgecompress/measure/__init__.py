@@ -35,7 +35,7 @@ def _emulated_on_host(
     from edgecompress.measure.protocol import job_for, make_measurement
     from edgecompress.measure.runner import WorkerFailed, run_job
 
-    job = job_for(profile, [{"id": "model", "path": str(path.resolve())}], memory_cap=True)
+    job = job_for(profile, [{"id": "model", "path": str(path.resolve())}], memory_cap=True, emulated=True)
     try:
         worker = run_job(job, profile.measure.timeout_s)
     except WorkerFailed as err:

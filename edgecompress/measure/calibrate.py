@@ -123,6 +123,7 @@ class _Timer:
             node_times=node_times,
             repeats=repeats,
             min_time_s=None if repeats is None else 0.0,
+            emulated=self.client is None or local,
         )
         # The profile's timeout is per model; a batch gets one per ten models.
         timeout = self.profile.measure.timeout_s * max(1.0, len(files) / 10)

@@ -156,11 +156,13 @@ def job_for(
     node_times: bool = False,
     repeats: int | None = None,
     min_time_s: float | None = None,
+    emulated: bool = False,
 ) -> dict:
     """The worker job that runs models with a profile's cores, threads and protocol.
 
     `repeats` and `min_time_s` override the profile's protocol (the per-layer table
-    times thousands of tiny graphs and cannot spend seconds on each)."""
+    times thousands of tiny graphs and cannot spend seconds on each). `emulated` jobs run
+    on this host and leave one of its cores free (runner's spare_core)."""
     return {
         "models": models,
         "cores": profile.cpu.cores,
@@ -176,6 +178,7 @@ def job_for(
         "address_space_mb": 2 * profile.budgets.ram_mb if memory_cap else None,
         "seed": 0,
         "node_times": node_times,
+        "spare_core": emulated,
     }
 
 
