@@ -42,3 +42,13 @@ def write_section(key: str, title: str, intro: str, lines: list[str], data: dict
     results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
     results[key] = data
     RESULTS_JSON.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def finetune_recipe(config: Any, images: int, learning_rates: str) -> str:
+    """The fine-tune recipe as the benchmark sections state it (config: a FinetuneConfig)."""
+    return (
+        f"1 epoch over {images} JPEG training images (held-out split excluded), SGD nesterov momentum "
+        f"{config.momentum}, cosine from lr {learning_rates}, batch {config.batch_size}, weight decay "
+        f"{config.weight_decay}, crop+flip, distillation T={config.temperature} weight "
+        f"{config.distill_weight} from the uncompressed model"
+    )

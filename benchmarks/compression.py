@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine_description, write_section  # noqa: E402
+from _results import finetune_recipe, machine_description, write_section  # noqa: E402
 
 from edgecompress.compress.api import (  # noqa: E402
     CALIBRATION_IMAGES,
@@ -131,12 +131,7 @@ def main() -> None:
     train, test = load_dataset(data, "train"), load_dataset(data, "test").take(args.test_images)
     exact = load_dataset(f"npz:{Path(args.cifar) / 'exact_test.npz'}", "test")
     config = FinetuneConfig(epochs=1, max_images=args.images)
-    recipe = (
-        f"1 epoch over {args.images} JPEG training images (held-out split excluded), SGD nesterov "
-        f"momentum {config.momentum}, cosine from lr {config.lr} (quantized/shared stage: {config.qat_lr}), "
-        f"batch {config.batch_size}, weight decay {config.weight_decay}, crop+flip, distillation "
-        f"T={config.temperature} weight {config.distill_weight} from the uncompressed model"
-    )
+    recipe = finetune_recipe(config, args.images, f"{config.lr} (quantized/shared stage: {config.qat_lr})")
     work = Path(tempfile.mkdtemp(prefix="ec-compression-"))
     t0 = time.time()
 

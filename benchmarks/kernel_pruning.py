@@ -35,7 +35,7 @@ import torch
 from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine_description, write_section  # noqa: E402
+from _results import finetune_recipe, machine_description, write_section  # noqa: E402
 
 from edgecompress.compress import sparse, variational  # noqa: E402
 from edgecompress.compress.api import CALIBRATION_IMAGES, apply, compress_model, compressed_onnx, uniform_plan  # noqa: E402
@@ -122,12 +122,8 @@ def main() -> None:
     original = load_model("resnet20", args.weights)
     x_test = original.spec.normalize(test.x)
     config = FinetuneConfig(epochs=1, max_images=args.images)
-    recipe = (
-        f"1 epoch over {args.images} JPEG training images (held-out split excluded), SGD nesterov momentum "
-        f"{config.momentum}, cosine from lr {config.lr} (baseline adaptation) or {config.qat_lr} (the masked "
-        f"model), batch {config.batch_size}, weight decay {config.weight_decay}, crop+flip, distillation "
-        f"T={config.temperature} weight {config.distill_weight} from the uncompressed model"
-    )
+    lrs = f"{config.lr} (baseline adaptation) or {config.qat_lr} (the masked model)"
+    recipe = finetune_recipe(config, args.images, lrs)
     work = Path(tempfile.mkdtemp(prefix="ec-kernels-"))
     adapted = load_model("resnet20", args.weights)
     finetune(adapted.module, adapted.spec, train, teacher=original.module, config=config)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -77,3 +79,10 @@ class UserNet(nn.Module):
 def user_net() -> UserNet:
     torch.manual_seed(0)
     return randomize_bn(UserNet().eval())
+
+
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    """`edgecompress export ARGS` in a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgecompress", "export", *args], capture_output=True, text=True, timeout=300
+    )

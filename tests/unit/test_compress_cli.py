@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import onnx
 import torch
-from compress_fixtures import trained_small_cnn
+from compress_fixtures import run_export, trained_small_cnn
 
 from edgecompress.compress.plan import CompressionPlan, LayerPlan
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgecompress", "export", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 def test_uniform_flags_and_plan_file_export_checked_smaller_files(tmp_path) -> None:
     weights = tmp_path / "small.pt"
     torch.save(trained_small_cnn().module.state_dict(), weights)
     out = tmp_path / "uniform.onnx"
-    done = _run("small_cnn", "--weights", str(weights), "--keep-ratio", "0.5", "--weight-bits", "4",
+    done = run_export("small_cnn", "--weights", str(weights), "--keep-ratio", "0.5", "--weight-bits", "4",
                 "--activations", "int8", "--data", "digits", "--out", str(out), "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout.strip().splitlines()[-1])
@@ -34,7 +26,7 @@ def test_uniform_flags_and_plan_file_export_checked_smaller_files(tmp_path) -> N
     plan = CompressionPlan(default=LayerPlan(weight_bits=8), layers={"features.9": LayerPlan(clusters=4)})
     path = plan.save(tmp_path / "plan.json")
     out2 = tmp_path / "planned.onnx"
-    done = _run("small_cnn", "--weights", str(weights), "--plan", str(path), "--out", str(out2))
+    done = run_export("small_cnn", "--weights", str(weights), "--plan", str(path), "--out", str(out2))
     assert done.returncode == 0, done.stderr
     assert "smaller than the fp32 export" in done.stdout
     types = {t.name: t.data_type for t in onnx.load(str(out2)).graph.initializer}
@@ -44,10 +36,12 @@ def test_uniform_flags_and_plan_file_export_checked_smaller_files(tmp_path) -> N
 def test_bad_plans_and_conflicting_flags_fail_in_one_line(tmp_path) -> None:
     plan = tmp_path / "bad.json"
     plan.write_text('{"default": {"weight_bits": 5}}')
-    done = _run("small_cnn", "--plan", str(plan), "--keep-ratio", "0.5", "--out", str(tmp_path / "x.onnx"))
+    done = run_export(
+        "small_cnn", "--plan", str(plan), "--keep-ratio", "0.5", "--out", str(tmp_path / "x.onnx")
+    )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: give either --plan or the uniform flags")
-    done = _run("small_cnn", "--plan", str(plan), "--out", str(tmp_path / "x.onnx"))
+    done = run_export("small_cnn", "--plan", str(plan), "--out", str(tmp_path / "x.onnx"))
     assert done.returncode == 1 and "weight_bits must be one of 32, 8, 4, 2" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "x.onnx").exists()

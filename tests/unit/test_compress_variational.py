@@ -5,13 +5,11 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from compress_fixtures import digits, trained_small_cnn
+from compress_fixtures import digits, run_export, trained_small_cnn
 
 from edgecompress.compress import sparse, variational
 from edgecompress.compress.api import apply, compress_model, compressed_onnx, uniform_plan
@@ -157,27 +155,21 @@ def test_compress_model_trains_the_scores_from_its_training_data() -> None:
         assert not np.array_equal(mask, l2.module.layer(name).mask.numpy())
 
 
-def _export_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgecompress", "export", *args], capture_output=True, text=True, timeout=300
-    )
-
-
 def test_cli_kernel_flags_export_sparse_files_and_explain_missing_data(tmp_path) -> None:
     weights = tmp_path / "small.pt"
     torch.save(trained_small_cnn().module.state_dict(), weights)
     out = tmp_path / "kernels.onnx"
     flags = ["--kernel-sparsity", "0.9", "--kernel-criterion", "l2", "--data", "digits"]
-    done = _export_cli("small_cnn", "--weights", str(weights), *flags, "--out", str(out), "--json")
+    done = run_export("small_cnn", "--weights", str(weights), *flags, "--out", str(out), "--json")
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["parity"]["top1_agreement"] >= 0.995
     assert any(layer.precision == "float32 sparse" for layer in size_report(out).layers)
     missing = tmp_path / "missing.onnx"
-    done = _export_cli("small_cnn", "--weights", str(weights), "--kernel-sparsity", "0.5",
+    done = run_export("small_cnn", "--weights", str(weights), "--kernel-sparsity", "0.5",
                        "--kernel-criterion", "variational", "--out", str(missing))  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.strip().startswith("error: kernel_criterion 'variational' trains its kernel scores")
     assert "Traceback" not in done.stderr and not missing.exists()
-    done = _export_cli("small_cnn", "--kernel-criterion", "l1", "--out", str(missing))
+    done = run_export("small_cnn", "--kernel-criterion", "l1", "--out", str(missing))
     assert done.returncode == 2 and "'l1' is not one of 'l2', 'variational'" in done.stderr
