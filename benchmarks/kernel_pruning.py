@@ -239,7 +239,8 @@ def write(rows, base, recipe, args, gcfg, gate_seconds, total_seconds, n_test) -
         "command": COMMAND,
         "machine": machine_description(),
         "test_images": n_test,
-        "args": vars(args),
+        # Paths of this machine stay out of the committed file.
+        "args": {k: v for k, v in vars(args).items() if k not in ("cifar", "weights")},
     }
     write_section(
         "kernel-pruning", "Kernel-wise pruning of ResNet-20: L2 vs variational scores", intro, lines, data
