@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgecompress.errors import MeasureError
-from edgecompress.measure.runner import quiet_p50
+from edgecompress.measure.runner import QUIET_ENOUGH, quiet_p50
 from edgecompress.profiles import DeviceProfile
 
 EXCEEDS_MEMORY = "exceeds the device's memory"
@@ -205,6 +205,11 @@ def make_measurement(
     if status == "ok":
         raw = summarize(one["samples_ns"])
         latency = raw.scaled(latency_scale)
+        if profile.protocol.statistic == "quiet_p50" and (raw.quiet_fraction or 1.0) < QUIET_ENOUGH:
+            notes.append(
+                f"only {100 * raw.quiet_fraction:.0f}% of the timed runs were undisturbed: other work "
+                "slowed most of the window, so the figure may be high; measure again on a quieter machine"
+            )
         fits_memory = peak is None or peak <= profile.budgets.model_memory_mb
         if not fits_memory:
             notes.append(

@@ -14,7 +14,7 @@ import pytest
 from edgecompress.errors import MeasureError, UsageError
 from edgecompress.measure import LAZY_MODES, Measurement, measure, mode_function
 from edgecompress.measure import cache as cache_module
-from edgecompress.measure.protocol import job_for, summarize
+from edgecompress.measure.protocol import job_for, make_measurement, summarize
 from edgecompress.measure.reference import resnet
 from edgecompress.measure.runner import JobError, quiet_p50, validate_job
 from edgecompress.profiles import load_profile, profile_from_dict, write_profile
@@ -160,6 +160,21 @@ def test_a_lazily_imported_mode_that_is_absent_says_so(monkeypatch: pytest.Monke
     with pytest.raises(MeasureError, match="not available"):
         mode_function("elsewhere")
     assert callable(mode_function("emulated-on-host"))
+
+
+def test_a_mostly_disturbed_window_is_labelled(tmp_path: Path, small_model: Path) -> None:
+    """The record says so when most of the timed window ran slowed by other work."""
+    profile = load_profile(_profile(tmp_path, "quiet", protocol={"statistic": "quiet_p50"}))
+    fast, slow = [1_000_000] * 60, [1_500_000] * 600
+    worker = {"results": [{"id": "model", "status": "ok", "samples_ns": fast + slow, "peak_rss_mb": 1.0}]}
+    m = make_measurement(small_model, "x" * 64, profile, "emulated-on-host", worker, latency_scale=1.0,
+                         calibration="measured")  # fmt: skip
+    assert m.latency_ms == pytest.approx(1.0) and m.latency.quiet_fraction < 0.25
+    assert any("were undisturbed" in n and "measure again" in n for n in m.notes)
+    steady = dict(worker, results=[{**worker["results"][0], "samples_ns": fast * 10}])
+    m = make_measurement(small_model, "x" * 64, profile, "emulated-on-host", steady, latency_scale=1.0,
+                         calibration="measured")  # fmt: skip
+    assert m.latency.quiet_fraction == 1.0 and not any("undisturbed" in n for n in m.notes)
 
 
 def test_summarize_statistics() -> None:
