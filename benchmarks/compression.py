@@ -498,18 +498,21 @@ if __name__ == "__main__":
     import torch
 
     torch.set_num_threads(1)  # the machine is shared; one core per worker
-    if "--calibration" in sys.argv:
-        sys.argv.remove("--calibration")
+
+    def data_parser() -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser()
         parser.add_argument("--cifar", default=str(Path.home() / ".cache/edgecompress/cifar10"))
         parser.add_argument("--weights", default=str(ROOT.parent / "shared/weights/resnet20.th"))
+        return parser
+
+    if "--calibration" in sys.argv:
+        sys.argv.remove("--calibration")
+        parser = data_parser()
         parser.add_argument("--parity-images", type=int, default=1000)
         calibration(parser.parse_args())
     elif "--zoo" in sys.argv:
         sys.argv.remove("--zoo")
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--cifar", default=str(Path.home() / ".cache/edgecompress/cifar10"))
-        parser.add_argument("--weights", default=str(ROOT.parent / "shared/weights/resnet20.th"))
+        parser = data_parser()
         parser.add_argument("--test-images", type=int, default=1000)
         parser.add_argument("--models", default=None, help="a subset (e.g. mobilenetv2:brief), printed only")
         zoo(parser.parse_args())

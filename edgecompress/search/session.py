@@ -103,21 +103,19 @@ class Session:
 
             self.table = load_latency_table(self.profile)
 
-        def measure_file(path: Path, use_cache: bool = True) -> Any:
-            return measure(path, self.profile, mode=options.mode, remote=options.remote, token=token,
-                           use_cache=use_cache)  # fmt: skip
+        def measuring(profile: Any) -> Callable[..., Any]:
+            def measure_file(path: Path, use_cache: bool = True) -> Any:
+                return measure(path, profile, mode=options.mode, remote=options.remote, token=token,
+                               use_cache=use_cache)  # fmt: skip
+
+            return measure_file
 
         # Candidates are timed over a shorter window than the profile's protocol asks
         # (the quiet statistic still leaves out disturbed stretches inside it).
         window = min(self.profile.protocol.min_time_s, options.screen_time_s)
         protocol = dataclasses.replace(self.profile.protocol, min_time_s=window)
-        screening = dataclasses.replace(self.profile, protocol=protocol)
-
-        def measure_candidate(path: Path, use_cache: bool = True) -> Any:
-            return measure(path, screening, mode=options.mode, remote=options.remote, token=token,
-                           use_cache=use_cache)  # fmt: skip
-
-        self.measure = measure_file
+        measure_candidate = measuring(dataclasses.replace(self.profile, protocol=protocol))
+        self.measure = measuring(self.profile)
         fast_int8 = self.profile.int8_activations in ("uint8", "int8")
         quantize = "quantize" in options.stages
         # Stage 1 measures its candidates as they would ship after stage 2's default.

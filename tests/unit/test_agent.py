@@ -212,15 +212,20 @@ def test_batch_upload_as_zip(agent, model: Path, tmp_path: Path) -> None:
     _alive(url)
 
 
-def test_agent_refuses_a_short_token(tmp_path: Path) -> None:
-    token = tmp_path / "token.txt"
-    token.write_text("short")
-    run = subprocess.run(
-        [sys.executable, "-m", "edgecompress.measure.agent", "--port", "0", "--token-file", str(token)],
+def _agent_refusing(token_file: Path) -> subprocess.CompletedProcess:
+    """Start the agent with a token file it should refuse; it exits instead of serving."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgecompress.measure.agent", "--port", "0", "--token-file", str(token_file)],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_agent_refuses_a_short_token(tmp_path: Path) -> None:
+    token = tmp_path / "token.txt"
+    token.write_text("short")
+    run = _agent_refusing(token)
     assert run.returncode == 2 and "at least 16" in run.stderr
 
 
@@ -234,12 +239,7 @@ def test_a_token_file_with_more_than_the_token_is_refused(tmp_path: Path, model:
         read_token(messy)
     with pytest.raises(UsageError, match="without spaces"):
         measure(model, "host", remote="http://127.0.0.1:1", token="a b\nc")
-    run = subprocess.run(
-        [sys.executable, "-m", "edgecompress.measure.agent", "--port", "0", "--token-file", str(messy)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _agent_refusing(messy)
     assert run.returncode == 2 and "the token alone" in run.stderr
 
 
