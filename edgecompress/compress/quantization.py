@@ -92,10 +92,17 @@ def fake_quant_codebook(codebook: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(round_ste(codebook / scale), -QMAX[bits], QMAX[bits]) * scale
 
 
+_INT32_LIMIT = 2.0**31 - 1
+
+
 def fake_quant_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Bias on the int32 grid of input scale x weight scale, as QLinearConv adds it."""
-    limit = 2.0**31 - 1
-    return torch.clamp(round_ste(bias / scale), -limit, limit) * scale
+    return torch.clamp(round_ste(bias / scale), -_INT32_LIMIT, _INT32_LIMIT) * scale
+
+
+def bias_integers(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The int32 values (as float) the file stores for a bias on the grid `scale`."""
+    return torch.clamp(torch.round(bias.detach() / scale), -_INT32_LIMIT, _INT32_LIMIT)
 
 
 class ActQuant(nn.Module):
@@ -230,7 +237,7 @@ def data_inputs(node: onnx.NodeProto, constants: set[str]) -> list[str]:
     return [x for x in names if x and x not in constants]
 
 
-def _relu_like(node: onnx.NodeProto, constants: dict[str, torch.Tensor]) -> bool:
+def relu_like(node: onnx.NodeProto, constants: dict[str, torch.Tensor]) -> bool:
     if node.op_type == "Relu":
         return True
     if node.op_type == "Clip" and len(node.input) > 1 and node.input[1] in constants:
@@ -270,7 +277,7 @@ def quant_points(
         if (
             node.op_type in (*LAYER_OPS, "Add")
             and len(users) == 1
-            and _relu_like(users[0], constants)
+            and relu_like(users[0], constants)
             and out not in outputs
         ):
             absorbed.add(out)

@@ -23,7 +23,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
-from edgecompress.compress.quantization import QMAX, quantize_weight
+from edgecompress.compress.quantization import bias_integers
 from edgecompress.compress.sharing import index_type
 from edgecompress.compress.simulate import LayerWeights, SimulatedModel
 from edgecompress.compress.sparse import smaller_encoding
@@ -74,7 +74,7 @@ def _encode_float(b: _Builder, name: str, lw: LayerWeights, _: object, nodes: li
 
 
 def _encode_weight_only(b: _Builder, name: str, lw: LayerWeights, _: object, nodes: list) -> str:
-    q, scale = quantize_weight(lw.float_weight(), lw.bits)
+    q, scale = lw.integer_weight()
     dtype = INT_TYPES[lw.bits]
     stored = b.tensor(f"{name}.weight_q", dtype, _np(q).astype(np.int8), sparse_ok=lw.mask is not None)
     shape = (-1,) + (1,) * (q.dim() - 1)
@@ -87,7 +87,7 @@ def _encode_weight_only(b: _Builder, name: str, lw: LayerWeights, _: object, nod
 
 
 def _encode_int8_act(b: _Builder, name: str, lw: LayerWeights, _: object, nodes: list) -> str:
-    q, scale = quantize_weight(lw.float_weight(), lw.bits)
+    q, scale = lw.integer_weight()
     dtype = INT_TYPES[lw.bits]
     stored = b.tensor(f"{name}.weight_q", dtype, _np(q).astype(np.int8), sparse_ok=lw.mask is not None)
     if lw.bits < 8:
@@ -119,9 +119,8 @@ def _encode_shared(b: _Builder, name: str, lw: LayerWeights, _: object, nodes: l
     )
     integer = lw.int8 and lw.bits < 32
     if integer:
-        scale = float(_np(lw.scale())[0])
-        q = np.clip(np.round(codebook / scale), -QMAX[lw.bits], QMAX[lw.bits]).astype(np.int8)
-        cb = b.tensor(f"{name}.codebook_q", TensorProto.INT8, q)
+        q, scale = lw.integer_codebook()
+        cb = b.tensor(f"{name}.codebook_q", TensorProto.INT8, _np(q).astype(np.int8))
     else:
         cb = b.tensor(f"{name}.codebook", TensorProto.FLOAT, codebook.astype(np.float32))
     nodes.append(
@@ -132,7 +131,7 @@ def _encode_shared(b: _Builder, name: str, lw: LayerWeights, _: object, nodes: l
     out = f"{name}.weight_q" if integer else f"{name}.weight"
     nodes.append(helper.make_node("Reshape", [f"{name}.weight_flat", shape], [out], name=f"{name}.reshape"))
     if integer:
-        s = b.tensor(f"{name}.weight_scale", TensorProto.FLOAT, np.asarray(scale, np.float32))
+        s = b.tensor(f"{name}.weight_scale", TensorProto.FLOAT, _np(scale).astype(np.float32))
         nodes.append(
             helper.make_node("DequantizeLinear", [out, s], [f"{name}.weight"], name=f"{name}.weight_dq")
         )
@@ -163,8 +162,7 @@ def _encode_bias(
     if not lw.int8 or input_scale is None:
         return b.tensor(f"{name}.bias", TensorProto.FLOAT, _np(lw.bias))
     scale = (input_scale * lw.scale()).detach()
-    limit = 2**31 - 1
-    q = torch.clamp(torch.round(lw.bias.detach() / scale), -limit, limit)
+    q = bias_integers(lw.bias, scale)
     stored = b.tensor(f"{name}.bias_q", TensorProto.INT32, _np(q).astype(np.int32))
     s = b.tensor(f"{name}.bias_scale", TensorProto.FLOAT, _np(scale).astype(np.float32))
     nodes.append(

@@ -11,7 +11,8 @@ and because it is an nn.Module it fine-tunes (QAT, codebook training) like any m
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,18 +20,25 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from edgecompress.compress import exact
 from edgecompress.compress.onnx_ops import attributes, fold_constants, run_node
 from edgecompress.compress.plan import LayerPlan
 from edgecompress.compress.quantization import (
     CALIBRATION_METHODS,
     HISTOGRAM_BINS,
     LAYER_OPS,
+    QMAX,
     ActQuant,
+    QuantPoints,
+    bias_integers,
     codebook_scale,
+    data_inputs,
     fake_quant_bias,
     fake_quant_codebook,
     fake_quant_weight,
     quant_points,
+    quantize_weight,
+    relu_like,
     weight_scale,
 )
 from edgecompress.compress.sharing import share
@@ -107,21 +115,42 @@ class LayerWeights(nn.Module):
         scale = self._scale() if self.int8 else None
         return w, scale
 
-    def _cached(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weights and scale; reused in evaluation until a parameter changes (the search
-        evaluates each candidate on many batches, and the 4/2-bit scale search costs)."""
+    def _memo(self, slot: str, compute: Callable[[], Any]) -> Any:
+        """`compute()`, reused in evaluation until a parameter changes (the search evaluates
+        each candidate on many batches, and the 4/2-bit scale search costs)."""
         if self.training and torch.is_grad_enabled():
-            return self._compute()
+            return compute()
         key = tuple((p._version, p.data_ptr()) for p in self.parameters())
-        cache = getattr(self, "_cache", None)
-        if cache is None or cache[0] != key:
+        memos = self.__dict__.setdefault("_memos", {})
+        hit = memos.get(slot)
+        if hit is None or hit[0] != key:
             with torch.no_grad():
-                cache = (key, *self._compute())
-            self._cache = cache
-        return cache[1], cache[2]
+                hit = (key, compute())
+            memos[slot] = hit
+        return hit[1]
+
+    def _cached(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._memo("weights", self._compute)
 
     def effective_weight(self) -> torch.Tensor:
         return self._cached()[0]
+
+    def integer_codebook(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A shared layer's codebook as the integers the file stores (as float), and its scale."""
+        scale = self.scale()[0]
+        q = torch.round(self.full_codebook().detach() / scale)
+        return torch.clamp(q, -QMAX[self.bits], QMAX[self.bits]), scale
+
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight as the integers the file stores (as float), and the scale per output channel."""
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            if self.weight is None:
+                q, scale = self.integer_codebook()
+                return q[self.index], scale.expand(self.index.shape[0])
+            return quantize_weight(self.float_weight(), self.bits)
+
+        return self._memo("integers", compute)
 
     def _scale(self) -> torch.Tensor:
         """Per-output-channel weight scale (shape (O,)) of the stored integers."""
@@ -209,6 +238,11 @@ class SimulatedModel(nn.Module):
         self._act_index = {t: f"A{k}" for k, t in enumerate(own)}
         self._layer_index = {n: f"L{k}" for k, n in enumerate(self.layer_names)}
         self._nodes = [(n, attributes(n)) for n in graph.node]
+        # Evaluation runs the fused integer kernels as onnxruntime does (compress/exact.py);
+        # set False for the plain straight-through simulation.
+        self.exact = True
+        by_name = {n: self.layer(n) for n in self.layer_names}
+        self._kernels = integer_kernels(graph, self.points, by_name, constants)
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -235,30 +269,66 @@ class SimulatedModel(nn.Module):
     def tensors(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every tensor of the graph as simulated (quantized ones on their grid), by name."""
         consts = {n: getattr(self, f"c{k}") for k, n in enumerate(self.const_names)}
-        values: dict[str, torch.Tensor] = {self.input_name: self._quant(self.input_name, x)}
-        for node, attrs in self._nodes:
+        integer = (
+            self.exact
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not any(a.observing for a in self.acts.values())
+        )
+        values: dict[str, torch.Tensor] = {self.input_name: self._quant(self.input_name, x, integer)}
+        for (node, attrs), kernel in zip(self._nodes, self._kernels, strict=True):
             inputs = [values[n] if n in values else consts.get(n) if n else None for n in node.input]
-            key = self._layer_index.get(node.name)
-            if key is not None:
-                lw = self.layers[key]
-                inputs[1] = lw.effective_weight()
-                aq = self.act_quant(node.input[0])
-                if lw.bias is not None:
-                    inputs[2] = lw.effective_bias(
-                        aq.params()[0] if aq is not None and not aq.observing else None
-                    )
-            outputs = run_node(node, inputs, attrs)
+            if integer and kernel is not None:
+                outputs = [self._integer_kernel(node, attrs, kernel, inputs)]
+            else:
+                key = self._layer_index.get(node.name)
+                if key is not None:
+                    lw = self.layers[key]
+                    inputs[1] = lw.effective_weight()
+                    aq = self.act_quant(node.input[0])
+                    if lw.bias is not None:
+                        inputs[2] = lw.effective_bias(
+                            aq.params()[0] if aq is not None and not aq.observing else None
+                        )
+                outputs = run_node(node, inputs, attrs)
             for name, value in zip(node.output, outputs, strict=False):
-                values[name] = self._quant(name, value)
+                values[name] = self._quant(name, value, integer)
         return values
 
-    def _quant(self, name: str, value: torch.Tensor) -> torch.Tensor:
+    def _params(self, tensor: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.act_quant(tensor).params()  # type: ignore[union-attr]
+
+    def _integer_kernel(
+        self, node: onnx.NodeProto, attrs: dict, kernel: tuple[str, str], inputs: list
+    ) -> torch.Tensor:
+        kind, written = kernel
+        out_scale, out_zero = self._params(written)
+        if kind == "add":
+            a, b = node.input[0], node.input[1]
+            return exact.add(inputs[0], self._params(a), inputs[1], self._params(b), (out_scale, out_zero))
+        in_scale, in_zero = self._params(node.input[0])
+        if kind == "pool":
+            return exact.global_average_pool(inputs[0], in_scale, out_scale, out_zero)
+        lw = self.layer(node.name)
+        weight, weight_scale = lw.integer_weight()
+        bias = None if lw.bias is None else bias_integers(lw.bias, in_scale * weight_scale)
+
+        def run(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return run_node(node, [x, w], attrs)[0]
+
+        return exact.layer(run, inputs[0], in_scale, in_zero, weight, weight_scale, bias, out_scale, out_zero)
+
+    def _quant(self, name: str, value: torch.Tensor, integer: bool = False) -> torch.Tensor:
         if name in self.points.tied:
             # Data movement of values already on the grid (slice, pad with the exact zero,
             # relu, max-pool, reshape) stays on it: the Q/DQ pair the file has is exact.
             return value
         key = self._act_index.get(name)
-        return self.acts[key](value) if key is not None else value
+        if key is None:
+            return value
+        if integer:
+            return exact.quantize(value, *self.acts[key].params())
+        return self.acts[key](value)
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[torch.Tensor], method: str = "minmax") -> None:
@@ -307,6 +377,51 @@ class SimulatedModel(nn.Module):
             for aq in self.acts.values():
                 aq.observing = False
             self.train(was_training)
+
+
+def integer_kernels(
+    graph: onnx.GraphProto,
+    points: QuantPoints,
+    layers: dict[str, LayerWeights],
+    constants: dict[str, torch.Tensor],
+) -> list[tuple[str, str] | None]:
+    """For each node, (kind, tensor whose grid it writes) where onnxruntime runs a fused
+    integer kernel, else None: a Conv/Gemm with integer weights and int8 activations
+    between quantized tensors ("layer"), an Add of two quantized tensors ("add"), and a
+    GlobalAveragePool between quantized tensors ("pool"). The output counts as quantized
+    when it is, or when its only consumer is a Relu/Clip from 0 whose output is (onnxruntime
+    folds that activation into the kernel's output range)."""
+    quantized = set(points.tensors)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def written(node: onnx.NodeProto) -> str | None:
+        out = node.output[0]
+        if out in quantized:
+            return out
+        users = consumers.get(out, [])
+        if len(users) == 1 and relu_like(users[0], constants) and users[0].output[0] in quantized:
+            return users[0].output[0]
+        return None
+
+    kernels: list[tuple[str, str] | None] = []
+    for node in graph.node:
+        target = written(node) if node.output else None
+        lw = layers.get(node.name)
+        ins = [node.input[0]] if lw is not None else data_inputs(node, set(constants))
+        kind = None
+        if target is None or not ins or not all(n in quantized for n in ins):
+            kind = None
+        elif lw is not None and lw.int8 and lw.bits < 32:
+            kind = "layer"
+        elif node.op_type == "Add" and len(ins) == 2:
+            kind = "add"
+        elif node.op_type == "GlobalAveragePool":
+            kind = "pool"
+        kernels.append((kind, target) if kind else None)
+    return kernels
 
 
 def layer_plans(plans: dict[str, LayerPlan]) -> dict[str, LayerPlan]:
