@@ -423,6 +423,13 @@ def measure_command(model, device, mode, remote, token_file, no_cache, as_json) 
         f"thread(s) on {m.cores_used} of {m.cores_requested} core(s), {m.warmup} warm-up + "
         f"{m.repeats} repeats" + (", cached" if m.cached else "")
     )
+    if m.probe is not None:
+        b = m.probe
+        click.echo(
+            f"  machine  {m.machine_state or 'not judged'} the fastest probe seen here; "
+            f"probe ms before/after: memory {b.memory_ms_before:.2f}/{b.memory_ms_after:.2f}, "
+            f"compute {b.compute_ms_before:.2f}/{b.compute_ms_after:.2f}; {m.attempts} attempt(s)"
+        )
     if m.arm is not None:
         from edgecompress.measure.arm import summary_lines
 

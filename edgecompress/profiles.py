@@ -87,6 +87,13 @@ class Protocol:
     repeats: int = field(metadata=_check("positive"))
     statistic: Literal["p50", "p90", "mean", "min", "quiet_p50"]
     min_time_s: float = field(default=0.0, metadata=_check("non-negative"))
+    # A figure whose machine-state probe ran more than slow_threshold (a fraction) slower
+    # than the fastest probe seen on this machine is labeled slow and taken again, up to
+    # slow_retries more times (measure/machine_state.py). 0.20: on the shared 2-core host
+    # the probe's memory part varied up to 1.19x between workers (p90 1.17x) while the
+    # models' figures did not move with it; 0.10 labeled half of all measurements.
+    slow_threshold: float = field(default=0.20, metadata=_check("positive"))
+    slow_retries: int = field(default=2, metadata=_check("non-negative"))
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,9 @@ def _emulated_on_host(
     from edgecompress.measure.protocol import job_for, make_measurement
     from edgecompress.measure.runner import WorkerFailed, run_job
 
-    job = job_for(profile, [{"id": "model", "path": str(path.resolve())}], memory_cap=True, emulated=True)
+    job = job_for(
+        profile, [{"id": "model", "path": str(path.resolve())}], memory_cap=True, emulated=True, probe=True
+    )
     try:
         worker = run_job(job, profile.measure.timeout_s)
     except WorkerFailed as err:
@@ -61,7 +63,7 @@ def _measured_on_device(
     if remote is None:
         raise UsageError("mode measured-on-device needs a running agent: pass --remote URL --token-file F")
     client = AgentClient(remote, token)
-    job = job_for(profile, [{"id": "model", "path": path.name}], memory_cap=True)
+    job = job_for(profile, [{"id": "model", "path": path.name}], memory_cap=True, probe=True)
     worker = client.measure_file(path, job, timeout_s=profile.measure.timeout_s)
     return make_measurement(
         path,
@@ -168,7 +170,9 @@ def measure(
     """Measure an ONNX model on a device profile: latency, peak memory, size, provenance.
 
     A model that does not fit the device's memory comes back as a Measurement with
-    status "exceeds-memory" (or fits_memory False), never as an exception.
+    status "exceeds-memory" (or fits_memory False), never as an exception. One taken while
+    the machine was measurably slow is taken again (the profile's protocol.slow_retries) and
+    labeled (`machine_state`, `slow`; measure/machine_state.py); a slow one is not cached.
     """
     from edgecompress.measure import cache
     from edgecompress.measure.protocol import file_sha256
@@ -187,9 +191,16 @@ def measure(
         if hit is not None:
             log.info("cache hit for %s on %s (%s)", path, profile.name, chosen)
             return dataclasses.replace(hit, model=str(path))
-    result = function(path, profile, sha256=sha256, remote=remote, token=token)
+    from edgecompress.measure.machine_state import measure_until_normal
+
+    result = measure_until_normal(
+        lambda: function(path, profile, sha256=sha256, remote=remote, token=token),
+        remote=remote,
+        threshold=profile.protocol.slow_threshold,
+        retries=profile.protocol.slow_retries,
+    )
     if mode is None and chosen != profile.measure.default_mode and remote is None:
         result = dataclasses.replace(result, notes=(*result.notes, ARM_FALLBACK_NOTE))
-    if key is not None:
+    if key is not None and not result.slow:  # a slow period's figure is taken again next time
         cache.store(key, result)
     return result

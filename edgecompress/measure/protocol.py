@@ -80,6 +80,31 @@ def summarize(samples_ns: list[int] | np.ndarray) -> LatencyStats:
 
 
 @dataclass(frozen=True)
+class ProbeFigures:
+    """The machine-state probe (runner.machine_probe), ms, taken before and after the timed window."""
+
+    memory_ms_before: float
+    memory_ms_after: float
+    compute_ms_before: float
+    compute_ms_after: float
+
+    @classmethod
+    def from_worker(cls, probe: dict[str, dict[str, float]]) -> ProbeFigures:
+        before, after = probe["before"], probe["after"]
+        return cls(
+            memory_ms_before=float(before["memory_ms"]),
+            memory_ms_after=float(after["memory_ms"]),
+            compute_ms_before=float(before["compute_ms"]),
+            compute_ms_after=float(after["compute_ms"]),
+        )
+
+    def over_window(self, part: str) -> float:
+        """The part's ms over the window: the faster of before and after. A slow period that
+        lasts shows in both; a burst caught by one is what quiet_p50 already leaves out."""
+        return min(getattr(self, f"{part}_ms_before"), getattr(self, f"{part}_ms_after"))
+
+
+@dataclass(frozen=True)
 class Measurement:
     """What one model measured on one device profile, with its provenance."""
 
@@ -115,6 +140,17 @@ class Measurement:
     cached: bool = field(default=False, compare=False)
     # Mode-specific detail (emulated-arm: instruction counts and the cycle model).
     arm: dict[str, Any] | None = field(default=None, compare=False)
+    # The machine-state probe around the timed window and what it says against the fastest
+    # probe seen on this machine (measure/machine_state.py): "normal: memory 1.02x, compute
+    # 1.00x" or "slow: ..."; None where no probe ran (emulated-arm, records cached before it).
+    probe: ProbeFigures | None = None
+    machine_state: str | None = None
+    attempts: int = 1  # measurements taken to get this one (more when the machine was slow)
+
+    @property
+    def slow(self) -> bool:
+        """Taken while the machine was measurably slow: the figure may be high."""
+        return (self.machine_state or "").startswith("slow")
 
     @property
     def fits(self) -> bool:
@@ -135,6 +171,8 @@ class Measurement:
         for key in ("latency", "raw"):
             if values.get(key) is not None:
                 values[key] = LatencyStats(**values[key])
+        if values.get("probe") is not None:
+            values["probe"] = ProbeFigures(**values["probe"])
         values["notes"] = tuple(values.get("notes", ()))
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
@@ -157,13 +195,15 @@ def job_for(
     repeats: int | None = None,
     min_time_s: float | None = None,
     emulated: bool = False,
+    probe: bool = False,
 ) -> dict:
     """The worker job that runs models with a profile's cores, threads and protocol.
 
     `repeats` and `min_time_s` override the profile's protocol (the per-layer table
     times thousands of tiny graphs and cannot spend seconds on each). `emulated` jobs run
-    on this host and leave one of its cores free (runner's spare_core)."""
-    return {
+    on this host and leave one of its cores free (runner's spare_core). `probe` times the
+    machine-state probe around the model (one-model jobs of `measure`)."""
+    job = {
         "models": models,
         "cores": profile.cpu.cores,
         "intra_op_threads": profile.session.intra_op_threads,
@@ -180,6 +220,9 @@ def job_for(
         "node_times": node_times,
         "spare_core": emulated,
     }
+    if probe:  # only when asked, so an agent from before the probe still takes other jobs
+        job["probe"] = True
+    return job
 
 
 def make_measurement(
@@ -253,4 +296,5 @@ def make_measurement(
         repeats=len(one["samples_ns"]) if status == "ok" else profile.protocol.repeats,
         machine=str(worker.get("machine", "unknown")),
         notes=tuple(notes),
+        probe=ProbeFigures.from_worker(worker["probe"]) if worker.get("probe") else None,
     )

@@ -11,8 +11,9 @@ graph_optimization, execution_mode, warmup, repeats, address_space_mb (extra add
 space over the worker's own after importing onnxruntime; a safety net only, since
 onnxruntime and numpy reserve far more than they touch), seed, node_times (also time
 every node with onnxruntime's profiler; for the per-layer latency table), and optionally
-min_time_s (keep timing past `repeats` until this long has passed; see `quiet_p50`) and
-spare_core (emulation on a host: never run the model's threads on every core there).
+min_time_s (keep timing past `repeats` until this long has passed; see `quiet_p50`),
+spare_core (emulation on a host: never run the model's threads on every core there) and
+probe (time `machine_probe` before and after the models, in the same pinned worker).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ JOB_KEYS = {
     "seed": int,
     "node_times": bool,
 }
-OPTIONAL_KEYS = {"min_time_s": (int, float), "spare_core": bool}
+OPTIONAL_KEYS = {"min_time_s": (int, float), "spare_core": bool, "probe": bool}
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
 # Limits that keep a hostile or mistaken job from pinning a board for hours.
@@ -57,6 +58,16 @@ QUIET_TOLERANCE = 0.05
 # this fraction of the runs are quiet: the window began in a disturbed stretch.
 QUIET_ENOUGH = 0.25
 EXTEND_FACTOR = 3
+# The machine-state probe: a fixed numpy workload whose ms say how fast the machine is
+# now. Memory part: copy PROBE_MB MB (src + dst twice this host's 32 MB L3), so the
+# shared cache and memory bandwidth that neighbours load show in it; compute part:
+# PROBE_MATMULS float32 matmuls of PROBE_N x PROBE_N, which stay in L2. Each is the best of
+# PROBE_REPEATS. Changing any of these changes the figures: bump PROBE_VERSION.
+PROBE_VERSION = 1
+PROBE_MB = 32
+PROBE_N = 128
+PROBE_MATMULS = 50
+PROBE_REPEATS = 10
 _MEMORY_FAILURE = re.compile(
     r"bad_alloc|failed to allocate|out of memory|cannot allocate|memoryerror|"
     r"allocation failed|not enough memory",
@@ -250,6 +261,27 @@ def _time_runs(session: Any, feeds: dict, repeats: int, min_time_s: float) -> li
 # ---------------------------------------------------------------- worker side
 
 
+def machine_probe() -> dict[str, float]:
+    """ms of the probe's memory part and compute part, each the best of PROBE_REPEATS."""
+    import numpy as np
+
+    def best(work: Any) -> float:
+        times = []
+        for _ in range(PROBE_REPEATS):
+            start = time.perf_counter_ns()
+            work()
+            times.append(time.perf_counter_ns() - start)
+        return round(min(times) / 1e6, 4)
+
+    src = np.ones(PROBE_MB << 18, dtype=np.float32)
+    dst = src.copy()
+    a = np.full((PROBE_N, PROBE_N), 0.5, dtype=np.float32)
+    out = np.empty_like(a)
+    memory = best(lambda: np.copyto(dst, src))
+    compute = best(lambda: [np.matmul(a, a, out=out) for _ in range(PROBE_MATMULS)])
+    return {"memory_ms": memory, "compute_ms": compute}
+
+
 def _proc_status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -324,11 +356,15 @@ def _cap_address_space(extra_mb: float | None) -> float | None:
     if size_kb is None:
         return None
     limit = int(size_kb * 1024 + extra_mb * 1024 * 1024)
-    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    _UNCAP.append(lambda: resource.setrlimit(resource.RLIMIT_AS, (soft, hard)))
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     return limit / 2**20
+
+
+_UNCAP: list[Any] = []  # what lifts the cap again (the probe after the models is not theirs)
 
 
 _DTYPES = {
@@ -456,6 +492,9 @@ def _measure_one(ort: Any, entry: dict[str, str], job: dict[str, Any], threads: 
 def worker_main(job: dict[str, Any]) -> dict[str, Any]:
     """Inside the fresh worker: pin, import onnxruntime, take the baseline, cap, measure."""
     cores_used, cores_available, core_note = _pin_cores(job["cores"])
+    # numpy's BLAS (the probe's matmul) on one thread: its idle pool threads would spin
+    # on the cores the model is timed on.
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     import numpy  # noqa: F401  (part of the baseline, like onnxruntime)
     import onnxruntime as ort
 
@@ -470,6 +509,8 @@ def worker_main(job: dict[str, Any]) -> dict[str, Any]:
     if threads < job["intra_op_threads"]:
         notes.append(f"used {threads} intra-op thread(s) instead of {job['intra_op_threads']}{spare}")
     load_before = _load_average()
+    # Before the peak-RSS baseline: the probe's buffers are freed and never counted.
+    probe = {"before": machine_probe()} if job.get("probe") else None
     reset = _reset_peak_rss()
     baseline_kb = _current_rss_kb() if reset else _peak_rss_kb()
     cap_mb = _cap_address_space(job["address_space_mb"])
@@ -481,6 +522,10 @@ def worker_main(job: dict[str, Any]) -> dict[str, Any]:
         one = _measure_one(ort, entry, job, threads)
         one["peak_rss_mb"] = max(0, _peak_rss_kb() - before) / 1024
         results.append(one)
+    if probe is not None:
+        for uncap in _UNCAP:
+            uncap()
+        probe["after"] = machine_probe()
     return {
         "ok": True,
         "ort_version": ort.__version__,
@@ -496,6 +541,7 @@ def worker_main(job: dict[str, Any]) -> dict[str, Any]:
         "notes": notes + _busy_note(load_before, _load_average(), cores_available),
         "load_average": _load_average(),
         "results": results,
+        **({"probe": probe} if probe is not None else {}),
     }
 
 
