@@ -172,7 +172,7 @@ def measure(
     A model that does not fit the device's memory comes back as a Measurement with
     status "exceeds-memory" (or fits_memory False), never as an exception. One taken while
     the machine was measurably slow is taken again (the profile's protocol.slow_retries) and
-    labeled (`machine_state`, `slow`; measure/machine_state.py); a slow one is not cached.
+    labeled (`machine_state`, `slow`; measure/machine_state.py).
     """
     from edgecompress.measure import cache
     from edgecompress.measure.protocol import file_sha256
@@ -201,6 +201,6 @@ def measure(
     )
     if mode is None and chosen != profile.measure.default_mode and remote is None:
         result = dataclasses.replace(result, notes=(*result.notes, ARM_FALLBACK_NOTE))
-    if key is not None and not result.slow:  # a slow period's figure is taken again next time
+    if key is not None:  # a slow figure too: its label travels with it (--no-cache measures again)
         cache.store(key, result)
     return result

@@ -43,8 +43,9 @@ def record_path() -> Path:
 
 def machine_key(mode: str, remote: str | None, cores: int) -> str:
     """Which machine a probe ran on: this host, or the agent's board, with its pinned cores."""
-    where = f"agent {remote}" if mode == "measured-on-device" and remote else socket.gethostname()
-    return f"{mode} | {where} {platform.machine()} | {cores} core(s) | probe v{PROBE_VERSION}"
+    remote_board = mode == "measured-on-device" and remote
+    where = f"agent {remote}" if remote_board else f"{socket.gethostname()} {platform.machine()}"
+    return f"{mode} | {where} | {cores} core(s) | probe v{PROBE_VERSION}"
 
 
 def _read(path: Path) -> dict[str, dict[str, float]]:

@@ -243,6 +243,9 @@ def make_measurement(
         raise MeasureError(f"{path} could not be measured: {one.get('message', status)}")
     file_bytes = path.stat().st_size
     notes = list(worker.get("notes", ())) + list(extra_notes)
+    probe = worker.get("probe")
+    if probe and not all(probe.values()):
+        notes.append("the machine-state probe's buffers did not fit in memory: this figure is not labeled")
     raw = latency = None
     peak = one.get("peak_rss_mb")
     if status == "ok":
@@ -296,5 +299,5 @@ def make_measurement(
         repeats=len(one["samples_ns"]) if status == "ok" else profile.protocol.repeats,
         machine=str(worker.get("machine", "unknown")),
         notes=tuple(notes),
-        probe=ProbeFigures.from_worker(worker["probe"]) if worker.get("probe") else None,
+        probe=ProbeFigures.from_worker(probe) if probe and all(probe.values()) else None,
     )

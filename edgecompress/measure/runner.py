@@ -261,8 +261,9 @@ def _time_runs(session: Any, feeds: dict, repeats: int, min_time_s: float) -> li
 # ---------------------------------------------------------------- worker side
 
 
-def machine_probe() -> dict[str, float]:
-    """ms of the probe's memory part and compute part, each the best of PROBE_REPEATS."""
+def machine_probe() -> dict[str, float] | None:
+    """ms of the probe's memory part and compute part, each the best of PROBE_REPEATS;
+    None where its buffers do not fit (a small board): the figure then goes unlabeled."""
     import numpy as np
 
     def best(work: Any) -> float:
@@ -273,8 +274,11 @@ def machine_probe() -> dict[str, float]:
             times.append(time.perf_counter_ns() - start)
         return round(min(times) / 1e6, 4)
 
-    src = np.ones(PROBE_MB << 18, dtype=np.float32)
-    dst = src.copy()
+    try:
+        src = np.ones(PROBE_MB << 18, dtype=np.float32)
+        dst = src.copy()
+    except MemoryError:
+        return None
     a = np.full((PROBE_N, PROBE_N), 0.5, dtype=np.float32)
     out = np.empty_like(a)
     memory = best(lambda: np.copyto(dst, src))
