@@ -57,25 +57,35 @@ _API = {
 __all__ = sorted(_API)
 
 
-class _CompressEntry:
-    """`edgecompress.compress`: call it to compress a model (pipeline.compress); its
-    attributes are those of the `edgecompress.compress` subpackage of the same name, so
-    `edgecompress.compress.api` and `import edgecompress.compress.plan as p` still work."""
+# Public functions named like a subpackage: the function wins the attribute, and the
+# subpackage stays importable through it.
+_SHARED_NAMES = {"compress": "edgecompress.pipeline:compress", "measure": "edgecompress.measure:measure"}
+
+
+class _Entry:
+    """`edgecompress.compress` / `edgecompress.measure`: call it to run the API function;
+    its attributes are those of the subpackage of the same name, so
+    `edgecompress.compress.api` and `import edgecompress.measure.runner as r` still work
+    whichever was imported first."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return importlib.import_module("edgecompress.pipeline").compress(*args, **kwargs)
+        module_name, attr = _SHARED_NAMES[self._name].split(":")
+        return getattr(importlib.import_module(module_name), attr)(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(importlib.import_module("edgecompress.compress"), name)
+        return getattr(importlib.import_module(f"edgecompress.{self._name}"), name)
 
     def __repr__(self) -> str:
-        return "<function edgecompress.compress (and the edgecompress.compress package)>"
+        return f"<function edgecompress.{self._name} (and the edgecompress.{self._name} package)>"
 
 
 class _Package(types.ModuleType):
     def __setattr__(self, name: str, value: Any) -> None:
-        # Importing the subpackage edgecompress.compress would replace the API function.
-        if name == "compress" and isinstance(value, types.ModuleType):
+        # Importing the subpackage would otherwise replace the API function.
+        if name in _SHARED_NAMES and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)
 
@@ -84,8 +94,8 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
-    if name == "compress":
-        value: Any = _CompressEntry()
+    if name in _SHARED_NAMES:
+        value: Any = _Entry(name)
         globals()[name] = value
         return value
     target = _API.get(name)

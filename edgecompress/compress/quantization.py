@@ -4,12 +4,14 @@ Weights: per-output-channel symmetric integers of 8, 4 or 2 bits (the scale clip
 the mean-squared-error optimum for 4 and 2 bits, to the max for 8). Activations:
 per-tensor affine 8-bit, ranges calibrated on images by one of `CALIBRATION_METHODS`
 (min/max, a percentile, or the mean-squared-error optimum of a histogram). The rounding
-is the one onnxruntime uses (half to even, saturate), so the torch simulation and the
-QDQ file compute the same numbers, up to ties: onnxruntime's fused kernels (QLinearConv
-requantization, QLinearAdd's rescaling) order their float operations differently, so a
-value within ~1e-5 of a rounding midpoint may land one step apart (measured: ~1e-6 of
-QLinearConv outputs, ~3e-5 of QLinearAdd outputs). A trained network absorbs such
-one-step differences; a random or broken one can amplify them into a different top-1.
+is the one onnxruntime uses (half to even, saturate), so this straight-through
+simulation and the QDQ file compute the same numbers up to ties: onnxruntime's fused
+kernels (QLinearConv requantization, QLinearAdd's rescaling) order their float
+operations differently, so a value within ~1e-5 of a rounding midpoint may land one step
+apart (measured: ~1e-6 of QLinearConv outputs, ~3e-5 of QLinearAdd outputs). Training
+uses this simulation (it has gradients); evaluation runs the kernels themselves, bit
+for bit (compress/exact.py), because a random or barely trained network turns such
+one-step differences into a different top-1.
 
 What onnxruntime 1.32 does with them (measured on this x86 host, see
 benchmarks/RESULTS.md): DQ(int8 weights) + Q/DQ activations around Conv fuse into

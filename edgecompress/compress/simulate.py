@@ -6,6 +6,9 @@ node by node (compress/onnx_ops.py). Each Conv/Gemm layer's weights live in a
 grid); activation tensors chosen by `quantization.quant_points` pass through
 `ActQuant`. Because torch and the exported file run the very same graph, they agree;
 and because it is an nn.Module it fine-tunes (QAT, codebook training) like any model.
+In evaluation (eval mode, no gradients) the nodes that onnxruntime fuses into integer
+kernels run those kernels' arithmetic (compress/exact.py, `integer_kernels`), so the
+simulation's predictions are the x86 file's, bit for bit.
 """
 
 from __future__ import annotations

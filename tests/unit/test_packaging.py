@@ -1,7 +1,10 @@
-"""The package list in pyproject.toml covers every package folder, so wheels are whole."""
+"""The package list in pyproject.toml covers every package folder, so wheels are whole; the
+lazy public API resolves whatever was imported first."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import tomllib
@@ -24,3 +27,18 @@ def test_built_in_profiles_are_package_data() -> None:
 
     names = {p.name for p in files("edgecompress.hardware_profiles").iterdir()}
     assert {"host.yaml", "embedded-arm.yaml", "mobile-cpu.yaml", "satellite-board.yaml"} <= names
+
+
+def test_api_functions_named_like_subpackages_survive_importing_the_subpackage_first() -> None:
+    """`edgecompress.measure` and `edgecompress.compress` are API functions and subpackages;
+    importing the subpackage first must not replace the function (the CLI calls it)."""
+    code = (
+        "import edgecompress.measure.runner, edgecompress.compress.plan as plan\n"
+        "import edgecompress\n"
+        "from edgecompress import compress, measure\n"
+        "assert callable(measure) and callable(compress), (measure, compress)\n"
+        "assert edgecompress.measure.runner.quiet_p50 and plan.CompressionPlan\n"
+        "import edgecompress.measure as m\n"
+        "assert m.__path__ and callable(m)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
