@@ -245,7 +245,10 @@ def make_measurement(
     notes = list(worker.get("notes", ())) + list(extra_notes)
     probe = worker.get("probe")
     if probe and not all(probe.values()):
-        notes.append("the machine-state probe's buffers did not fit in memory: this figure is not labeled")
+        notes.append(
+            "the machine-state probe did not run (its buffers did not fit in memory, or this "
+            "kernel cannot reset the peak-RSS counter): this figure is not labeled"
+        )
     raw = latency = None
     peak = one.get("peak_rss_mb")
     if status == "ok":

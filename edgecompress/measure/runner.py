@@ -513,8 +513,9 @@ def worker_main(job: dict[str, Any]) -> dict[str, Any]:
     if threads < job["intra_op_threads"]:
         notes.append(f"used {threads} intra-op thread(s) instead of {job['intra_op_threads']}{spare}")
     load_before = _load_average()
-    # Before the peak-RSS baseline: the probe's buffers are freed and never counted.
-    probe = {"before": machine_probe()} if job.get("probe") else None
+    # Before the peak-RSS baseline: the probe's buffers are freed and never counted, which
+    # needs a kernel that resets the peak (else the figure goes unlabeled, memory stays right).
+    probe = {"before": machine_probe() if _reset_peak_rss() else None} if job.get("probe") else None
     reset = _reset_peak_rss()
     baseline_kb = _current_rss_kb() if reset else _peak_rss_kb()
     cap_mb = _cap_address_space(job["address_space_mb"])
