@@ -78,6 +78,7 @@ PLANS = {
     "int4 weights": dict(weight_bits=4, activations="int8"),
     "int8 codebook": dict(weight_bits=8, activations="int8", clusters=16),
     "pruned + int4": dict(keep_ratio=0.5, weight_bits=4, activations="int8"),
+    "int2 + half the kernels": dict(weight_bits=2, activations="int8", kernel_sparsity=0.5),
 }
 
 
