@@ -17,7 +17,7 @@ is turned into uint8 by onnxruntime on x86 first):
                    clamp(round(float32(acc) * float32(sx * sw[o] / sy)) + zy)
   QLinearGlobalAveragePool
                    acc = sum(qx) - zx * N;  clamp(round(float32(acc) * (sx / (sy * N))) + zy)
-  QLinearAdd       fixed = zc - (ra * za + rb * zb),  ra = sa / sc, rb = sb / sc
+  QLinearAdd       fixed = zc - fma(ra, za, rb * zb),  ra = sa / sc, rb = sb / sc
                    clamp(round(fma(qa, ra, fma(qb, rb, fixed))))
 
 Everything is float32 as in the kernels; a fused multiply-add is one product and sum in
@@ -100,7 +100,9 @@ def add(
     """QLinearAdd (AVX2 kernel): raw uint8 inputs, fused multiply-adds, B's term first."""
     (sa, za), (sb, zb), (sc, zc) = a_params, b_params, out_params
     ra, rb = sa / sc, sb / sc
-    fixed = zc - (ra * za + rb * zb)
+    # The compiler contracts the kernel's scalar `ra * za + rb * zb` into fma(ra, za, rb * zb);
+    # rounding rb * zb + ra * za in two steps instead differs on a few values in a million.
+    fixed = zc - _fma(ra, za, rb * zb)
     qa = integers(a, sa) + za
     qb = integers(b, sb) + zb
     c = _fma(qa, ra, _fma(qb, rb, fixed))

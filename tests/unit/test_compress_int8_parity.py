@@ -244,3 +244,59 @@ def test_plan_json_keeps_min_max_for_old_plans_and_round_trips_the_method() -> N
     assert again == plan and json.loads(plan.to_json())["activation_calibration"] == "percentile"
     with pytest.raises(PlanError, match="activation_calibration must be one of minmax, percentile, mse"):
         CompressionPlan.from_dict({**old, "activation_calibration": "kl"})
+
+
+def test_qlinear_add_equals_onnxruntime_over_random_scales_and_zero_points(tmp_path) -> None:
+    """compress/exact.add against onnxruntime's own QLinearAdd (fused from DQ, DQ -> Add -> Q)
+    on every pair of input values, over many scale / zero-point sets: the kernel's fused
+    multiply-adds, including the one the compiler makes of its constant part, are reproduced
+    (that one alone changes a value in a few hundred thousand, so the test is exhaustive)."""
+    from onnx import TensorProto, helper
+
+    from edgecompress.compress import exact
+
+    rng = np.random.default_rng(0)
+    shape = [1, 1, 256, 256]
+    qa, qb = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
+    qa, qb = qa.reshape(shape), qb.reshape(shape)
+    checked = 0
+    for k in range(40):
+        sa, sb, sc = (float(np.float32(v)) for v in rng.uniform(0.01, 0.2, 3))
+        za, zb, zc = (int(v) for v in rng.integers(0, 256, 3))
+        scales = {"sa": sa, "sb": sb, "sc": sc}
+        zeros = {"za": za, "zb": zb, "zc": zc}
+        inits = [helper.make_tensor(n, TensorProto.FLOAT, [], [v]) for n, v in scales.items()]
+        inits += [helper.make_tensor(n, TensorProto.UINT8, [], [v]) for n, v in zeros.items()]
+        nodes = [
+            helper.make_node("DequantizeLinear", ["qa", "sa", "za"], ["a"]),
+            helper.make_node("DequantizeLinear", ["qb", "sb", "zb"], ["b"]),
+            helper.make_node("Add", ["a", "b"], ["c"]),
+            helper.make_node("QuantizeLinear", ["c", "sc", "zc"], ["qc"]),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "add",
+            [helper.make_tensor_value_info(n, TensorProto.UINT8, shape) for n in ("qa", "qb")],
+            [helper.make_tensor_value_info("qc", TensorProto.UINT8, shape)],
+            inits,
+        )
+        path = tmp_path / f"add{k}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"add{k}.opt.onnx")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        fused_ops = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+        assert "QLinearAdd" in fused_ops, fused_ops
+        got = session.run(None, {"qa": qa, "qb": qb})[0]
+
+        def params(s: float, z: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.tensor(s, dtype=torch.float32), torch.tensor(float(z))
+
+        (ta, tza), (tb, tzb), (tc, tzc) = params(sa, za), params(sb, zb), params(sc, zc)
+        a = (torch.from_numpy(qa).float() - tza) * ta
+        b = (torch.from_numpy(qb).float() - tzb) * tb
+        out = exact.add(a, (ta, tza), b, (tb, tzb), (tc, tzc))
+        want = (torch.round(out / tc) + tzc).numpy()
+        assert np.array_equal(got.astype(np.float64), want), (k, int((got != want).sum()))
+        checked += got.size
+    assert checked == 40 * 256 * 256
