@@ -31,6 +31,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         print(f"\nemulated-arm setup failed, its qemu tests will skip: {err}", file=sys.stderr)
 
 
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random ResNet as ONNX (built with onnx.helper, no torch), for measuring tests."""
+    import onnx
+
+    from edgecompress.measure.reference import resnet
+
+    path = tmp_path_factory.mktemp("models") / "small.onnx"
+    onnx.save(resnet((8, 16, 32), 1), str(path))
+    return path
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private EDGECOMPRESS_HOME (profiles, caches) for one test."""

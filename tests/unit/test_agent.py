@@ -14,13 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-import onnx
 import pytest
 
 from edgecompress.errors import MeasureError
 from edgecompress.measure import measure
 from edgecompress.measure.protocol import job_for
-from edgecompress.measure.reference import resnet
 from edgecompress.measure.remote import AgentClient
 from edgecompress.profiles import load_profile
 
@@ -32,11 +30,9 @@ REQUEST_TIMEOUT = 2.0
 pytestmark = pytest.mark.usefixtures("home")
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("agent-models") / "small.onnx"
-    onnx.save(resnet((8, 16, 32), 1), str(path))
-    return path
+@pytest.fixture
+def model(small_model: Path) -> Path:
+    return small_model
 
 
 @pytest.fixture(scope="module")

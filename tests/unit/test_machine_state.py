@@ -8,23 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import onnx
 import pytest
 
 from edgecompress.measure import Measurement, machine_state, measure
 from edgecompress.measure import cache as cache_module
 from edgecompress.measure.protocol import ProbeFigures
-from edgecompress.measure.reference import resnet
 from edgecompress.profiles import load_profile, profile_from_dict, write_profile
 
 pytestmark = pytest.mark.usefixtures("home")
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "small.onnx"
-    onnx.save(resnet((8, 8, 16), 1), str(path))
-    return path
 
 
 def _profile(tmp_path: Path, retries: int = 2, threshold: float = 0.2) -> Path:

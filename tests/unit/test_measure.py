@@ -15,19 +15,11 @@ from edgecompress.errors import MeasureError, UsageError
 from edgecompress.measure import LAZY_MODES, Measurement, measure, mode_function
 from edgecompress.measure import cache as cache_module
 from edgecompress.measure.protocol import job_for, make_measurement, summarize
-from edgecompress.measure.reference import resnet
 from edgecompress.measure.runner import JobError, quiet_p50, validate_job
 from edgecompress.profiles import load_profile, profile_from_dict, write_profile
 
 # Every test gets a private EDGECOMPRESS_HOME (the `home` fixture in tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("home")
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "small.onnx"
-    onnx.save(resnet((8, 16, 32), 1), str(path))
-    return path
 
 
 def _profile(tmp_path: Path, name: str = "tiny", **changes: dict) -> Path:
