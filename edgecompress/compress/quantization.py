@@ -25,7 +25,7 @@ a plain float initializer at load, so they cost nothing at run time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 import torch
@@ -231,6 +231,8 @@ class QuantPoints:
 
     tensors: tuple[str, ...]  # in graph order
     tied: dict[str, str]  # tensor -> tensor whose scale/zero point it reuses
+    # pre-activation tensor left float -> its Relu/Clip output, quantized in its place
+    folded: dict[str, str] = field(default_factory=dict)
 
 
 def data_inputs(node: onnx.NodeProto, constants: set[str]) -> list[str]:
@@ -239,7 +241,7 @@ def data_inputs(node: onnx.NodeProto, constants: set[str]) -> list[str]:
     return [x for x in names if x and x not in constants]
 
 
-def relu_like(node: onnx.NodeProto, constants: dict[str, torch.Tensor]) -> bool:
+def _relu_like(node: onnx.NodeProto, constants: dict[str, torch.Tensor]) -> bool:
     if node.op_type == "Relu":
         return True
     if node.op_type == "Clip" and len(node.input) > 1 and node.input[1] in constants:
@@ -279,7 +281,7 @@ def quant_points(
         if (
             node.op_type in (*LAYER_OPS, "Add")
             and len(users) == 1
-            and relu_like(users[0], constants)
+            and _relu_like(users[0], constants)
             and out not in outputs
         ):
             absorbed.add(out)
@@ -299,7 +301,12 @@ def quant_points(
             quantized.append(out)
             if node.op_type in TIED and ins and ins[0] in quantized and ins[0] not in absorbed:
                 tied[out] = tied.get(ins[0], ins[0])
-    return QuantPoints(tuple(quantized), tied)
+    folded = {}
+    for tensor in absorbed:
+        activation = consumers[tensor][0].output[0]
+        if activation in quantized:
+            folded[tensor] = activation
+    return QuantPoints(tuple(quantized), tied, folded)
 
 
 def _all_in(names: list[str], pool: list[str]) -> bool:

@@ -41,7 +41,6 @@ from edgecompress.compress.quantization import (
     fake_quant_weight,
     quant_points,
     quantize_weight,
-    relu_like,
     weight_scale,
 )
 from edgecompress.compress.sharing import share
@@ -399,27 +398,19 @@ def integer_kernels(
     its DequantizeLinear and QuantizeLinear (measured on ResNet-20: 10 of 19 Conv and all
     9 Adds), so they run the float simulation."""
     quantized = set(points.tensors)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    const = set(constants)
 
     def written(node: onnx.NodeProto) -> str | None:
         out = node.output[0]
         if out in quantized:
             return out
-        users = consumers.get(out, [])
-        if signed:
-            return None
-        if len(users) == 1 and relu_like(users[0], constants) and users[0].output[0] in quantized:
-            return users[0].output[0]
-        return None
+        return None if signed else points.folded.get(out)
 
     kernels: list[tuple[str, str] | None] = []
     for node in graph.node:
         target = written(node) if node.output else None
         lw = layers.get(node.name)
-        ins = [node.input[0]] if lw is not None else data_inputs(node, set(constants))
+        ins = [node.input[0]] if lw is not None else data_inputs(node, const)
         kind = None
         if target is None or not ins or not all(n in quantized for n in ins):
             kind = None
