@@ -405,6 +405,8 @@ def measure_command(model, device, mode, remote, token_file, no_cache, as_json) 
         host = f" [as timed: {m.statistic} {raw.pick(m.statistic):.3f} ms]" if raw and scale else ""
         median = f"p50 {s.p50:.3f}, " if m.statistic != "p50" else ""
         quiet = "" if s.quiet_fraction is None else f", {100 * s.quiet_fraction:.0f}% of runs undisturbed"
+        if s.window_s is not None:
+            quiet += f", {s.window_s:.1f} s window, drift {100 * (s.drift or 0.0):.1f}%"
         click.echo(
             f"  latency  {m.statistic} {m.latency_ms:.3f} ms ({median}p90 {s.p90:.3f}, mean {s.mean:.3f}, "
             f"min {s.min:.3f}, max {s.max:.3f}, cv {100 * s.cv:.1f}%{quiet}){host}"

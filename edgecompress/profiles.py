@@ -78,8 +78,10 @@ class Budgets:
 class Protocol:
     """How a latency is taken: warm-up runs, timed repeats, and the statistic reported.
 
-    Timing runs at least `repeats` times and at least `min_time_s` seconds. `quiet_p50`
-    is the median over the undisturbed stretches of that window (see
+    Timing runs at least `repeats` times and at least `min_time_s` seconds, and goes on
+    up to `max_time_s` while the window is not steady (a model whose weights live in a
+    last-level cache shared with other tenants drifts over seconds). `quiet_p50` is the
+    median over the window's half-second stretches of their undisturbed runs (see
     measure/runner.quiet_p50): on a shared machine it repeats where the plain p50 does not.
     """
 
@@ -87,6 +89,7 @@ class Protocol:
     repeats: int = field(metadata=_check("positive"))
     statistic: Literal["p50", "p90", "mean", "min", "quiet_p50"]
     min_time_s: float = field(default=0.0, metadata=_check("non-negative"))
+    max_time_s: float = field(default=0.0, metadata=_check("non-negative"))  # 0: min_time_s
     # A figure whose machine-state probe ran more than slow_threshold (a fraction) slower
     # than the fastest probe seen on this machine is labeled slow and taken again, up to
     # slow_retries more times (measure/machine_state.py). 0.20: on the shared 2-core host

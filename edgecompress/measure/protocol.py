@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgecompress.errors import MeasureError
-from edgecompress.measure.runner import QUIET_ENOUGH, quiet_p50
+from edgecompress.measure.runner import DRIFTING, drift, quiet_p50
 from edgecompress.profiles import DeviceProfile
 
 EXCEEDS_MEMORY = "exceeds the device's memory"
@@ -39,6 +39,10 @@ class LatencyStats:
     # fraction of runs in them: the figure that repeats on a machine shared with others.
     quiet_p50: float | None = None
     quiet_fraction: float | None = None
+    # How far the latency moved across the window: interquartile range / median of its
+    # half-second stretches' undisturbed medians (runner.drift); the window's length in s.
+    drift: float | None = None
+    window_s: float | None = None
 
     def scaled(self, factor: float) -> LatencyStats:
         return LatencyStats(
@@ -51,6 +55,8 @@ class LatencyStats:
             p10=None if self.p10 is None else self.p10 * factor,
             quiet_p50=None if self.quiet_p50 is None else self.quiet_p50 * factor,
             quiet_fraction=self.quiet_fraction,
+            drift=self.drift,
+            window_s=self.window_s,
         )
 
     def pick(self, statistic: str) -> float:
@@ -76,6 +82,8 @@ def summarize(samples_ns: list[int] | np.ndarray) -> LatencyStats:
         p10=float(np.percentile(ms, 10)),
         quiet_p50=quiet,
         quiet_fraction=fraction,
+        drift=drift(samples_ns),
+        window_s=float(ms.sum() / 1000),
     )
 
 
@@ -220,6 +228,10 @@ def job_for(
         "node_times": node_times,
         "spare_core": emulated,
     }
+    # Only a window that can grow, so an agent from before max_time_s still takes other jobs;
+    # an explicit window (the table's tiny graphs) is never extended.
+    if min_time_s is None and profile.protocol.max_time_s > profile.protocol.min_time_s:
+        job["max_time_s"] = profile.protocol.max_time_s
     if probe:  # only when asked, so an agent from before the probe still takes other jobs
         job["probe"] = True
     return job
@@ -254,10 +266,11 @@ def make_measurement(
     if status == "ok":
         raw = summarize(one["samples_ns"])
         latency = raw.scaled(latency_scale)
-        if profile.protocol.statistic == "quiet_p50" and (raw.quiet_fraction or 1.0) < QUIET_ENOUGH:
+        if profile.protocol.statistic == "quiet_p50" and (raw.drift or 0.0) > DRIFTING:
             notes.append(
-                f"only {100 * raw.quiet_fraction:.0f}% of the timed runs were undisturbed: other work "
-                "slowed most of the window, so the figure may be high; measure again on a quieter machine"
+                f"drifting: over the {raw.window_s:.0f} s window the latency moved {100 * raw.drift:.0f}% "
+                "(interquartile range of its half-second stretches), as a model whose weights live in a "
+                "cache that other work shares does; measurements of it can differ by that much or more"
             )
         fits_memory = peak is None or peak <= profile.budgets.model_memory_mb
         if not fits_memory:

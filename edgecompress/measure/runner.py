@@ -12,6 +12,7 @@ space over the worker's own after importing onnxruntime; a safety net only, sinc
 onnxruntime and numpy reserve far more than they touch), seed, node_times (also time
 every node with onnxruntime's profiler; for the per-layer latency table), and optionally
 min_time_s (keep timing past `repeats` until this long has passed; see `quiet_p50`),
+max_time_s (keep timing, up to this long, while the window is not steady; see `_time_runs`),
 spare_core (emulation on a host: never run the model's threads on every core there) and
 probe (time `machine_probe` before and after the models, in the same pinned worker).
 """
@@ -41,23 +42,28 @@ JOB_KEYS = {
     "seed": int,
     "node_times": bool,
 }
-OPTIONAL_KEYS = {"min_time_s": (int, float), "spare_core": bool, "probe": bool}
+OPTIONAL_KEYS = {"min_time_s": (int, float), "max_time_s": (int, float), "spare_core": bool, "probe": bool}
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
 # Limits that keep a hostile or mistaken job from pinning a board for hours.
 MAX_REPEATS = 100_000
 MAX_MODELS = 5_000
 MAX_MIN_TIME_S = 600.0
-# The quiet statistic: the timed window is cut, in time order, into blocks of about this
-# many milliseconds (at least MIN_BLOCK_RUNS runs each); a block whose median is within
-# QUIET_TOLERANCE of the fastest block's ran undisturbed.
+# The quiet statistic: the timed window is cut, in time order, into stretches of
+# STRETCH_S, and each stretch into blocks of about BLOCK_MS (at least MIN_BLOCK_RUNS runs
+# each); a block whose median is within QUIET_TOLERANCE of its stretch's fastest block ran
+# undisturbed. The figure is the median over the stretches of their undisturbed medians.
+STRETCH_S = 0.5
 BLOCK_MS = 50.0
 MIN_BLOCK_RUNS = 5
 QUIET_TOLERANCE = 0.05
-# Timing goes on past min_time_s (up to EXTEND_FACTOR x min_time_s) while fewer than
-# this fraction of the runs are quiet: the window began in a disturbed stretch.
-QUIET_ENOUGH = 0.25
-EXTEND_FACTOR = 3
+# The window is steady when its stretches agree within STEADY_SPREAD (slowest over
+# fastest); timing stops there at min_time_s, else it goes on to max_time_s.
+STEADY_SPREAD = 0.03
+# A figure whose stretches still spread more than this (runner.drift) is labeled drifting.
+# On the shared 2-core host, over 10 s windows: models that stay in L2 0.8-2.3%, VGG-16
+# pruned fp32 (14 MB of weights in the shared L3) 5.6-15%, MobileNetV2 fp32 2-6.5%.
+DRIFTING = 0.03
 # The machine-state probe: a fixed numpy workload whose ms say how fast the machine is
 # now. Memory part: copy PROBE_MB MB (src + dst twice this host's 32 MB L3), so the
 # shared cache and memory bandwidth that neighbours load show in it; compute part:
@@ -108,8 +114,9 @@ def validate_job(job: Any) -> dict[str, Any]:
     for key, kind in OPTIONAL_KEYS.items():
         if key in job and (isinstance(job[key], bool) != (kind is bool) or not isinstance(job[key], kind)):
             raise JobError(f"job key {key!r} has the wrong type ({type(job[key]).__name__})")
-    if not 0 <= job.get("min_time_s", 0) <= MAX_MIN_TIME_S:
-        raise JobError(f"job key 'min_time_s' must be between 0 and {MAX_MIN_TIME_S:g}")
+    for key in ("min_time_s", "max_time_s"):
+        if not 0 <= job.get(key, 0) <= MAX_MIN_TIME_S:
+            raise JobError(f"job key {key!r} must be between 0 and {MAX_MIN_TIME_S:g}")
     if job["graph_optimization"] not in GRAPH_LEVELS:
         raise JobError(f"graph_optimization must be one of {', '.join(GRAPH_LEVELS)}")
     if job["execution_mode"] not in EXECUTION_MODES:
@@ -205,41 +212,83 @@ def _last_json_line(text: str) -> dict[str, Any] | None:
 
 
 def quiet_p50(samples_ns: Any) -> tuple[float, float]:
-    """(median ms over the undisturbed stretches of a timed window, fraction of runs in them).
+    """(median ms over the undisturbed runs of a timed window, share of its runs in blocks
+    within QUIET_TOLERANCE of its fastest block).
 
-    On a shared machine a core is now and then slowed for a second or so at a time
-    (another tenant on the hyperthread sibling, another process); a figure taken over
-    such a stretch says more about the neighbours than about the model. The window is
-    cut in time order into blocks of about BLOCK_MS; blocks whose median is within
-    QUIET_TOLERANCE of the fastest block's median are the quiet ones, and their runs give
-    the median. With too few runs for two blocks it is the plain median.
+    A shared machine disturbs a timing in two ways. A core is now and then taken for a
+    second or so (another tenant on the hyperthread sibling, another process): a figure
+    taken over such a stretch says more about the neighbours than about the model. And a
+    model whose weights live in the last-level cache, which other tenants share, drifts by
+    10% or more over seconds as they come and go. The window is cut in time order into
+    stretches of STRETCH_S; within each, blocks of about BLOCK_MS whose median is within
+    QUIET_TOLERANCE of the stretch's fastest block are the undisturbed ones, and their runs
+    give the stretch's median. The figure is the median over the stretches: it leaves out
+    the seconds a core was taken and averages the drift over the window. With too few runs
+    for two blocks it is the plain median.
     """
+    import numpy as np
+
+    values, medians, runs = _stretch_medians(samples_ns)
+    quiet = runs[medians <= medians.min() * (1 + QUIET_TOLERANCE)].sum()
+    return float(np.median(values)), float(quiet / runs.sum())
+
+
+def window_spread(samples_ns: Any) -> float:
+    """How far the window's stretches disagree: slowest stretch median over the fastest, less 1."""
+    values = _stretch_medians(samples_ns)[0]
+    return float(max(values) / min(values) - 1.0)
+
+
+def drift(samples_ns: Any) -> float:
+    """How far the latency moved across the window: the interquartile range over the median
+    of the stretches' undisturbed medians (a burst in one stretch does not count); 0 for a
+    window of one stretch."""
+    import numpy as np
+
+    values = np.asarray(_stretch_medians(samples_ns)[0])
+    if values.size < 2:
+        return 0.0
+    p25, p50, p75 = np.percentile(values, [25, 50, 75])
+    return float((p75 - p25) / p50)
+
+
+def _stretch_medians(samples_ns: Any) -> tuple[list[float], Any, Any]:
+    """(undisturbed median ms of each STRETCH_S stretch, median ms of every block, runs in
+    every block)."""
     import numpy as np
 
     ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
     if ms.size == 0:
         raise ValueError("no timed runs")
-    total = float(ms.sum())
-    blocks = int(min(ms.size // MIN_BLOCK_RUNS, round(total / BLOCK_MS)))
-    if blocks < 2:
-        return float(np.median(ms)), 1.0
+    values, medians, runs = [], [], []
+    for part in _cut(ms, int(round(ms.sum() / (STRETCH_S * 1000)))):
+        count = int(min(part.size // MIN_BLOCK_RUNS, round(part.sum() / BLOCK_MS)))
+        blocks = _cut(part, count) if count >= 2 else [part]
+        block_medians = np.array([np.median(b) for b in blocks])
+        quiet = block_medians <= block_medians.min() * (1 + QUIET_TOLERANCE)
+        values.append(float(np.median(np.concatenate([b for b, q in zip(blocks, quiet, strict=True) if q]))))
+        medians += list(block_medians)
+        runs += [b.size for b in blocks]
+    return values, np.asarray(medians), np.asarray(runs)
+
+
+def _cut(ms: Any, parts: int) -> list[Any]:
+    """Runs cut in time order into `parts` spans of equal time (at least one), each run in
+    the span in which it ended; empty spans (one run longer than a span) left out."""
+    import numpy as np
+
+    parts = max(1, parts)
     ends = np.cumsum(ms)
-    # A run belongs to the block in which it ended (the last one ends exactly at total).
-    which = np.minimum((ends / (total / blocks) - 1e-9).astype(int), blocks - 1)
-    medians = np.full(blocks, np.inf)
-    for b in range(blocks):
-        part = ms[which == b]
-        if part.size:
-            medians[b] = np.median(part)
-    quiet = np.isin(which, np.nonzero(medians <= medians.min() * (1 + QUIET_TOLERANCE))[0])
-    return float(np.median(ms[quiet])), float(quiet.mean())
+    which = np.minimum((ends / (ends[-1] / parts) - 1e-9).astype(int), parts - 1)
+    return [ms[which == k] for k in range(parts) if (which == k).any()]
 
 
-def _time_runs(session: Any, feeds: dict, repeats: int, min_time_s: float) -> list[int]:
-    """At least `repeats` timed runs and at least min_time_s of them; longer (up to
-    EXTEND_FACTOR x min_time_s) while too few of the runs were quiet."""
+def _time_runs(session: Any, feeds: dict, repeats: int, min_time_s: float, max_time_s: float) -> list[int]:
+    """At least `repeats` timed runs and at least min_time_s of them; longer, up to
+    max_time_s, while the window is not steady (its stretches disagree by more than
+    STEADY_SPREAD): a drifting model needs many seconds before its median settles."""
     min_ns = int(min_time_s * 1e9)
-    max_ns = EXTEND_FACTOR * min_ns
+    max_ns = int(max(max_time_s, min_time_s) * 1e9)
     samples: list[int] = []
     began = time.perf_counter_ns()
     next_check = began + min_ns
@@ -248,13 +297,14 @@ def _time_runs(session: Any, feeds: dict, repeats: int, min_time_s: float) -> li
         session.run(None, feeds)
         now = time.perf_counter_ns()
         samples.append(now - start)
-        if len(samples) < repeats or now < next_check:
+        if len(samples) < repeats or (now < next_check and len(samples) < MAX_REPEATS):
             continue
         if now - began >= max_ns or len(samples) >= MAX_REPEATS:
             break
-        if quiet_p50(samples)[1] >= QUIET_ENOUGH:
+        if window_spread(samples) <= STEADY_SPREAD:
             break
-        next_check = now + int(BLOCK_MS * 4e6)  # look again in four blocks' time
+        # Unsteady: time on to the end, checking only to respect MAX_REPEATS.
+        next_check = began + max_ns
     return samples
 
 
@@ -467,7 +517,9 @@ def _measure_one(ort: Any, entry: dict[str, str], job: dict[str, Any], threads: 
         feeds = _inputs(session, rng)
         for _ in range(job["warmup"]):
             session.run(None, feeds)
-        samples = _time_runs(session, feeds, job["repeats"], float(job.get("min_time_s", 0.0)))
+        min_time_s = float(job.get("min_time_s", 0.0))
+        max_time_s = float(job.get("max_time_s", min_time_s))
+        samples = _time_runs(session, feeds, job["repeats"], min_time_s, max_time_s)
         result.update(status="ok", samples_ns=samples)
         result["providers"] = session.get_providers()
         if profile_dir is not None:

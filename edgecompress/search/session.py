@@ -110,10 +110,10 @@ class Session:
 
             return measure_file
 
-        # Candidates are timed over a shorter window than the profile's protocol asks
-        # (the quiet statistic still leaves out disturbed stretches inside it).
+        # Candidates are timed over a shorter window than the profile's protocol asks, never
+        # extended (the quiet statistic still leaves out disturbed stretches inside it).
         window = min(self.profile.protocol.min_time_s, options.screen_time_s)
-        protocol = dataclasses.replace(self.profile.protocol, min_time_s=window)
+        protocol = dataclasses.replace(self.profile.protocol, min_time_s=window, max_time_s=window)
         measure_candidate = measuring(dataclasses.replace(self.profile, protocol=protocol))
         self.measure = measuring(self.profile)
         fast_int8 = self.profile.int8_activations in ("uint8", "int8")
