@@ -41,6 +41,7 @@ from edgecompress.measure import measure  # noqa: E402
 from edgecompress.measure.calibrate import profile_device  # noqa: E402
 from edgecompress.measure.latency_table import explain_latency, load_table  # noqa: E402
 from edgecompress.measure.reference import to_qdq  # noqa: E402
+from edgecompress.measure.runner import DRIFTING, STEADY_SPREAD  # noqa: E402
 from edgecompress.profiles import load_profile  # noqa: E402
 from edgecompress.zoo.mobilenetv2 import MobileNetV2  # noqa: E402
 from edgecompress.zoo.resnet_cifar import CifarResNet  # noqa: E402
@@ -95,6 +96,8 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
     quiet: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     slow: dict[tuple[str, str], list[bool]] = {k: [] for k in keys}
     attempts: dict[tuple[str, str], list[int]] = {k: [] for k in keys}
+    drift: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    window: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     last = {}
     for run in range(runs):
         for name, precision, path in models:
@@ -104,9 +107,20 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
             quiet[(name, precision)].append(m.latency.quiet_fraction)
             slow[(name, precision)].append(m.slow)
             attempts[(name, precision)].append(m.attempts)
+            drift[(name, precision)].append(m.latency.drift)
+            window[(name, precision)].append(m.latency.window_s)
             last[(name, precision)] = m
         print(f"{device}: run {run + 1}/{runs} done (load {_load()})", flush=True)
-    return {"stat": stat, "p50s": p50s, "quiet": quiet, "slow": slow, "attempts": attempts, "last": last}
+    return {
+        "stat": stat,
+        "p50s": p50s,
+        "quiet": quiet,
+        "slow": slow,
+        "attempts": attempts,
+        "drift": drift,
+        "window": window,
+        "last": last,
+    }
 
 
 def previous_runs() -> list[dict]:
@@ -126,9 +140,9 @@ def cv(values: list[float]) -> float:
     return float(np.std(values) / np.mean(values))
 
 
-def cv_not_slow(values: list[float], slow: list[bool]) -> float | None:
-    """CV over the runs the machine-state probe did not label slow (None under two)."""
-    kept = [v for v, s in zip(values, slow, strict=True) if not s]
+def cv_kept(values: list[float], labeled: list[bool]) -> float | None:
+    """CV over the runs not labeled (slow or drifting); None under two."""
+    kept = [v for v, s in zip(values, labeled, strict=True) if not s]
     return round(100 * cv(kept), 2) if len(kept) >= 2 else None
 
 
@@ -195,7 +209,13 @@ def main() -> None:
                 "host_runs": [round(v, 4) for v in host_stat],
                 "host_cv_percent": round(100 * cv(host_stat), 2),
                 "slow_runs": sum(results["host"]["slow"][key]),
-                "host_cv_not_slow_percent": cv_not_slow(host_stat, results["host"]["slow"][key]),
+                "host_cv_not_slow_percent": cv_kept(host_stat, results["host"]["slow"][key]),
+                "drifting_runs": sum(d > DRIFTING for d in results["host"]["drift"][key]),
+                "host_cv_not_drifting_percent": cv_kept(
+                    host_stat, [d > DRIFTING for d in results["host"]["drift"][key]]
+                ),
+                "drift_percent": round(100 * statistics.median(results["host"]["drift"][key]), 1),
+                "window_s": round(statistics.median(results["host"]["window"][key]), 1),
                 "attempts": sum(results["host"]["attempts"][key]),
                 "undisturbed_percent": round(100 * statistics.median(results["host"]["quiet"][key]), 1),
                 "host_p50_ms": round(plain, 4),
@@ -215,6 +235,7 @@ def main() -> None:
                     "ms": round(statistics.median(values), 3),
                     "cv_percent": round(100 * cv(values), 2),
                     "p50_cv_percent": round(100 * cv(results[device]["p50s"][key]), 2),
+                    "drifting_runs": sum(d > DRIFTING for d in results[device]["drift"][key]),
                     "mode": m.mode,
                     "calibration": m.calibration,
                     "latency_scale": m.latency_scale,
@@ -237,24 +258,29 @@ def main() -> None:
             r["host_cv_not_slow_percent"] for r in data_rows if r["host_cv_not_slow_percent"] is not None
         ]
         worst_not_slow = max(not_slow) if not_slow else None
-        header = f"| model | precision | KiB | host {statistic} ms | CV | slow runs | CV not slow "
-        header += "| undisturbed runs | host p50 ms "
+        drifting_runs = sum(r["drifting_runs"] for r in data_rows)
+        steady = [r["host_cv_percent"] for r in data_rows if r["drifting_runs"] == 0]
+        header = f"| model | precision | KiB | host {statistic} ms | CV | drifting runs | drift | window s "
+        header += "| slow runs | host p50 ms "
         header += "| CV of p50 | predicted ms | error | error vs p50 |"
-        header += "".join(f" {d} {statistic} ms (CV) |" for d in others)
+        header += "".join(f" {d} {statistic} ms (CV, drifting) |" for d in others)
         lines = [
             header,
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(others),
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(others),
         ]
         for r in data_rows:
             line = (
                 f"| {r['model']} | {r['precision']} | {r['kib']:.0f} | {r['host_ms']:.3f} | "
-                f"{r['host_cv_percent']:.1f}% | {r['slow_runs']}/{args.runs} | "
-                f"{_percent(r['host_cv_not_slow_percent'])} | {r['undisturbed_percent']:.0f}% | "
+                f"{r['host_cv_percent']:.1f}% | {r['drifting_runs']}/{args.runs} | "
+                f"{r['drift_percent']:.1f}% | "
+                f"{r['window_s']:.1f} | {r['slow_runs']}/{args.runs} | "
                 f"{r['host_p50_ms']:.3f} | "
                 f"{r['host_p50_cv_percent']:.1f}% | {r['predicted_ms']:.3f} | {r['error_percent']:+.1f}% | "
                 f"{r['error_vs_p50_percent']:+.1f}% |"
             )
-            line += "".join(f" {r[d]['ms']:.2f} ({r[d]['cv_percent']:.1f}%) |" for d in others)
+            line += "".join(
+                f" {r[d]['ms']:.2f} ({r[d]['cv_percent']:.1f}%, {r[d]['drifting_runs']}) |" for d in others
+            )
             lines.append(line)
 
         def verdict(value: float, target: float) -> str:
@@ -267,8 +293,14 @@ def main() -> None:
             f"fresh-worker runs {worst_cv:.1f}% (target <= 3%: {verdict(worst_cv, 3)}); median CV "
             f"{median_cv:.1f}%. The plain p50 of the same runs: worst CV {worst_cv_p50:.1f}%, median "
             f"{statistics.median(r['host_p50_cv_percent'] for r in data_rows):.1f}%. Each run times "
-            f"{host.protocol.repeats} runs and at least {host.protocol.min_time_s:g} s; 'undisturbed runs' "
-            "is the median share of them in the quiet stretches the statistic keeps.",
+            f"{host.protocol.repeats} runs and at least {host.protocol.min_time_s:g} s, up to "
+            f"{host.protocol.max_time_s:g} s while its half-second stretches disagree by more than "
+            f"{100 * STEADY_SPREAD:.0f}% ('window s': the median window).",
+            f"- Drift labels: {drifting_runs} of {args.runs * len(data_rows)} host runs labeled drifting "
+            f"(interquartile range of the window's half-second stretches over {100 * DRIFTING:.0f}% of "
+            f"the median; 'drift': its median over the runs). Rows with no run labeled drifting: "
+            f"{len(steady)} of {len(data_rows)}, worst CV {max(steady, default=float('nan')):.1f}% "
+            f"(target <= 3%: {verdict(max(steady, default=99), 3)}).",
             f"- Machine-state probe (a memory copy and a cached matmul timed before and after each run): "
             f"{slow_runs} of {args.runs * len(data_rows)} host runs labeled slow (probe over "
             f"{1 + host.protocol.slow_threshold:.2f}x the fastest seen on this machine in all of up to "
@@ -301,7 +333,8 @@ def main() -> None:
             f"Machine: {machine_description()}, onnxruntime {ort_version}. "
             "Random weights (timing does not depend on them); batch 1; host profile: 1 thread, "
             f"{host.protocol.warmup} warm-up + at least {host.protocol.repeats} runs and "
-            f"{host.protocol.min_time_s:g} s per measurement. "
+            f"{host.protocol.min_time_s:g} s per measurement "
+            f"(up to {host.protocol.max_time_s:g} s while unsteady). "
             f"Table: {table_cmd}, {len(table.rows)} rows, fitted on reference CNNs built with onnx.helper. "
             f"Took {time.time() - start:.0f} s."
         )
@@ -314,6 +347,8 @@ def main() -> None:
             "mape_percent": round(mape_all, 1),
             "slow_runs": slow_runs,
             "worst_host_cv_not_slow_percent": worst_not_slow,
+            "drifting_runs": drifting_runs,
+            "worst_host_cv_steady_rows_percent": max(steady, default=None),
         }
         if args.models:
             print("\n".join(lines))
