@@ -431,6 +431,7 @@ def measure_command(model, device, mode, remote, token_file, no_cache, as_json) 
             f"  machine  {m.machine_state or 'not judged'} the fastest probe seen here; "
             f"probe ms before/after: memory {b.memory_ms_before:.2f}/{b.memory_ms_after:.2f}, "
             f"compute {b.compute_ms_before:.2f}/{b.compute_ms_after:.2f}; {m.attempts} attempt(s)"
+            + ("" if m.steal_percent is None else f"; steal {m.steal_percent:.1f}% of the window")
         )
     if m.arm is not None:
         from edgecompress.measure.arm import summary_lines

@@ -20,6 +20,8 @@ from edgecompress.measure.runner import DRIFTING, drift, quiet_p50
 from edgecompress.profiles import DeviceProfile
 
 EXCEEDS_MEMORY = "exceeds the device's memory"
+# Steal time (percent of the timed window's core time) above which a figure carries a note.
+STOLEN = 2.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,9 @@ class Measurement:
     probe: ProbeFigures | None = None
     machine_state: str | None = None
     attempts: int = 1  # measurements taken to get this one (more when the machine was slow)
+    # Share of the timed window the hypervisor gave the pinned cores to other work (steal
+    # time, /proc/stat), in percent; None where the kernel does not report it.
+    steal_percent: float | None = None
 
     @property
     def slow(self) -> bool:
@@ -261,11 +266,19 @@ def make_measurement(
             "the machine-state probe did not run (its buffers did not fit in memory, or this "
             "kernel cannot reset the peak-RSS counter): this figure is not labeled"
         )
-    raw = latency = None
+    raw = latency = steal_percent = None
     peak = one.get("peak_rss_mb")
     if status == "ok":
         raw = summarize(one["samples_ns"])
         latency = raw.scaled(latency_scale)
+        steal = one.get("steal_s")
+        if steal is not None and raw.window_s:
+            steal_percent = 100 * steal / (raw.window_s * int(worker.get("cores_used", 1)))
+            if steal_percent > STOLEN:
+                notes.append(
+                    f"the hypervisor gave {steal_percent:.0f}% of the core time in the timed window to "
+                    "other work (steal time): the figure may be high; measure again when the host is quieter"
+                )
         if profile.protocol.statistic == "quiet_p50" and (raw.drift or 0.0) > DRIFTING:
             notes.append(
                 f"drifting: over the {raw.window_s:.0f} s window the latency moved {100 * raw.drift:.0f}% "
@@ -316,4 +329,5 @@ def make_measurement(
         machine=str(worker.get("machine", "unknown")),
         notes=tuple(notes),
         probe=ProbeFigures.from_worker(probe) if probe and all(probe.values()) else None,
+        steal_percent=None if steal_percent is None else round(steal_percent, 2),
     )

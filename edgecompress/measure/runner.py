@@ -371,6 +371,19 @@ def _current_rss_kb() -> int:
     return _proc_status_kb("VmRSS") or _peak_rss_kb()
 
 
+def _steal_ticks() -> int | None:
+    """Clock ticks the hypervisor ran something else while this process's cores wanted to
+    run (the steal column of /proc/stat, summed over the cores it is pinned to); None where
+    the kernel does not report it."""
+    try:
+        cores = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if line.startswith("cpu")]
+        return sum(int(row[8]) for row in rows if row[0] in cores and len(row) > 8)
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def _load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -519,8 +532,12 @@ def _measure_one(ort: Any, entry: dict[str, str], job: dict[str, Any], threads: 
             session.run(None, feeds)
         min_time_s = float(job.get("min_time_s", 0.0))
         max_time_s = float(job.get("max_time_s", min_time_s))
+        steal = _steal_ticks()
         samples = _time_runs(session, feeds, job["repeats"], min_time_s, max_time_s)
         result.update(status="ok", samples_ns=samples)
+        after = _steal_ticks()
+        if steal is not None and after is not None:
+            result["steal_s"] = (after - steal) / os.sysconf("SC_CLK_TCK")
         result["providers"] = session.get_providers()
         if profile_dir is not None:
             result["nodes"] = _node_times(session.end_profiling(), job["warmup"])

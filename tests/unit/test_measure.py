@@ -164,7 +164,9 @@ def test_a_mostly_disturbed_window_is_labelled(tmp_path: Path, small_model: Path
     worker = {"results": [{"id": "model", "status": "ok", "samples_ns": fast + slow, "peak_rss_mb": 1.0}]}
     m = make_measurement(small_model, "x" * 64, profile, "emulated-on-host", worker, latency_scale=1.0,
                          calibration="measured")  # fmt: skip
-    assert m.latency_ms == pytest.approx(1.5) and m.latency.quiet_fraction == pytest.approx(50 / 1360)  # the first 50 ms block
+    assert m.latency_ms == pytest.approx(1.5) and m.latency.quiet_fraction == pytest.approx(
+        50 / 1360
+    )  # the first 50 ms block
     assert any(n.startswith("drifting: over the 2 s window the latency moved 8%") for n in m.notes)
     steady = dict(worker, results=[{**worker["results"][0], "samples_ns": fast * 10}])
     m = make_measurement(small_model, "x" * 64, profile, "emulated-on-host", steady, latency_scale=1.0,
@@ -191,6 +193,22 @@ def test_a_drifting_window_is_labelled(tmp_path: Path, small_model: Path) -> Non
     m = make_measurement(small_model, "x" * 64, profile, "emulated-on-host", steady, latency_scale=1.0,
                          calibration="measured")  # fmt: skip
     assert m.latency.drift == 0.0 and not any("drifting" in n for n in m.notes)
+
+
+def test_steal_time_is_recorded_and_a_large_share_labelled(tmp_path: Path, small_model: Path) -> None:
+    """A real worker reports the hypervisor's steal time over its window (Linux); a record
+    whose window lost more than 2% of its core time to it says so."""
+    m = measure(small_model, _profile(tmp_path, "steal", protocol={"min_time_s": 0.2}), use_cache=False)
+    if os.path.exists("/proc/stat"):
+        assert m.steal_percent is not None and m.steal_percent >= 0
+    profile = load_profile(_profile(tmp_path, "quiet", protocol={"statistic": "quiet_p50"}))
+    one = {"id": "model", "status": "ok", "samples_ns": [1_000_000] * 2000, "peak_rss_mb": 1.0}
+    for steal_s, noted in ((0.01, False), (0.2, True)):  # 0.5% and 10% of the 2 s on one core
+        worker = {"results": [{**one, "steal_s": steal_s}], "cores_used": 1}
+        m = make_measurement(small_model, "x" * 64, profile, "emulated-on-host", worker, latency_scale=1.0,
+                             calibration="measured")  # fmt: skip
+        assert m.steal_percent == pytest.approx(100 * steal_s / 2.0)
+        assert any("steal time" in n for n in m.notes) == noted
 
 
 def test_summarize_statistics() -> None:
