@@ -282,8 +282,8 @@ def make_measurement(
         if profile.protocol.statistic == "quiet_p50" and (raw.drift or 0.0) > DRIFTING:
             notes.append(
                 f"drifting: over the {raw.window_s:.0f} s window the latency moved {100 * raw.drift:.0f}% "
-                "(interquartile range of its half-second stretches), as a model whose weights live in a "
-                "cache that other work shares does; measurements of it can differ by that much or more"
+                "(interquartile range of its half-second stretches), as models whose weights live in a "
+                "cache that other work shares do; measurements of it can differ by that much or more"
             )
         fits_memory = peak is None or peak <= profile.budgets.model_memory_mb
         if not fits_memory:
