@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgecompress.errors import MeasureError
-from edgecompress.measure.runner import DRIFTING, drift, quiet_p50
+from edgecompress.measure.runner import DRIFTING, stretch_figures
 from edgecompress.profiles import DeviceProfile
 
 EXCEEDS_MEMORY = "exceeds the device's memory"
@@ -42,7 +42,7 @@ class LatencyStats:
     quiet_p50: float | None = None
     quiet_fraction: float | None = None
     # How far the latency moved across the window: interquartile range / median of its
-    # half-second stretches' undisturbed medians (runner.drift); the window's length in s.
+    # half-second stretches' undisturbed medians (runner.stretch_figures); the window's length in s.
     drift: float | None = None
     window_s: float | None = None
 
@@ -73,7 +73,7 @@ def summarize(samples_ns: list[int] | np.ndarray) -> LatencyStats:
     if ms.size == 0:
         raise MeasureError("no timed repeats came back; raise protocol.repeats in the profile")
     mean = float(ms.mean())
-    quiet, fraction = quiet_p50(samples_ns)
+    quiet, fraction, drift = stretch_figures(samples_ns)
     return LatencyStats(
         p50=float(np.percentile(ms, 50)),
         p90=float(np.percentile(ms, 90)),
@@ -84,7 +84,7 @@ def summarize(samples_ns: list[int] | np.ndarray) -> LatencyStats:
         p10=float(np.percentile(ms, 10)),
         quiet_p50=quiet,
         quiet_fraction=fraction,
-        drift=drift(samples_ns),
+        drift=drift,
         window_s=float(ms.sum() / 1000),
     )
 

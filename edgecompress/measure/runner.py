@@ -60,7 +60,7 @@ QUIET_TOLERANCE = 0.05
 # The window is steady when its stretches agree within STEADY_SPREAD (slowest over
 # fastest); timing stops there at min_time_s, else it goes on to max_time_s.
 STEADY_SPREAD = 0.03
-# A figure whose stretches still spread more than this (runner.drift) is labeled drifting.
+# A figure whose stretches still spread more than this (stretch_figures) is labeled drifting.
 # On the shared 2-core host, over 10 s windows: models that stay in L2 0.8-2.3%, VGG-16
 # pruned fp32 (14 MB of weights in the shared L3) 5.6-15%, MobileNetV2 fp32 2-6.5%.
 DRIFTING = 0.03
@@ -226,11 +226,8 @@ def quiet_p50(samples_ns: Any) -> tuple[float, float]:
     the seconds a core was taken and averages the drift over the window. With too few runs
     for two blocks it is the plain median.
     """
-    import numpy as np
-
-    values, medians, runs = _stretch_medians(samples_ns)
-    quiet = runs[medians <= medians.min() * (1 + QUIET_TOLERANCE)].sum()
-    return float(np.median(values)), float(quiet / runs.sum())
+    quiet, fraction, _drift = stretch_figures(samples_ns)
+    return quiet, fraction
 
 
 def window_spread(samples_ns: Any) -> float:
@@ -239,17 +236,20 @@ def window_spread(samples_ns: Any) -> float:
     return float(max(values) / min(values) - 1.0)
 
 
-def drift(samples_ns: Any) -> float:
-    """How far the latency moved across the window: the interquartile range over the median
-    of the stretches' undisturbed medians (a burst in one stretch does not count); 0 for a
-    window of one stretch."""
+def stretch_figures(samples_ns: Any) -> tuple[float, float, float]:
+    """(quiet_p50, its quiet fraction, drift) from one cut of the window into stretches.
+    Drift is how far the latency moved across the window: the interquartile range over the
+    median of the stretches' undisturbed medians (a burst in one stretch does not count);
+    0 for a window of one stretch."""
     import numpy as np
 
-    values = np.asarray(_stretch_medians(samples_ns)[0])
-    if values.size < 2:
-        return 0.0
-    p25, p50, p75 = np.percentile(values, [25, 50, 75])
-    return float((p75 - p25) / p50)
+    values, medians, runs = _stretch_medians(samples_ns)
+    quiet = runs[medians <= medians.min() * (1 + QUIET_TOLERANCE)].sum()
+    spread = 0.0
+    if len(values) >= 2:
+        p25, p50, p75 = np.percentile(values, [25, 50, 75])
+        spread = float((p75 - p25) / p50)
+    return float(np.median(values)), float(quiet / runs.sum()), spread
 
 
 def _stretch_medians(samples_ns: Any) -> tuple[list[float], Any, Any]:
