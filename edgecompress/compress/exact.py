@@ -24,13 +24,55 @@ Everything is float32 as in the kernels; a fused multiply-add is one product and
 float64 (exact here: 8-bit times 24-bit) rounded once to float32. Integer sums run in
 float32 when no partial sum can reach 2**24 (then every one is exact), else in float64.
 Values are passed around dequantized, (q - z) * s, as in the rest of the simulation.
+
+"Exact integers" needs kernels that add int8 products in 32 bits: VNNI on x86, and ARM's.
+An x86 CPU without VNNI (AVX2, or AVX-512 without it) adds each pair of uint8 x int8
+products into int16 first, with saturation (VPMADDUBSW), so a pair over 32767 is clipped:
+with full-range weights that changed 89% of a random QLinearConv's outputs on such a host.
+Where `pairs_saturate()` finds that, 8-bit weights are kept within +-64
+(quantization.qmax), which no pair can push past 32767 (2 x 255 x 64 = 32640).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 EXACT_FLOAT32 = 2.0**24  # integers below this add exactly in float32
+
+
+@functools.cache
+def pairs_saturate() -> bool:
+    """Whether this host's onnxruntime clips a pair of uint8 x int8 products to int16:
+    one QLinearConv of two 255 x 127 products (64770) tells."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name: str, value: object, dtype: object) -> object:
+        return numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+    inputs = ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"]
+    graph = helper.make_graph(
+        [helper.make_node("QLinearConv", inputs, ["y"])],
+        "pair",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 2, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1, 1, 1])],
+        [
+            const("xs", 1.0, np.float32),
+            const("xz", 0, np.uint8),
+            const("w", np.full((1, 2, 1, 1), 127), np.int8),
+            const("ws", 1.0, np.float32),
+            const("wz", 0, np.int8),
+            const("ys", 1000.0, np.float32),
+            const("yz", 0, np.uint8),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": np.full((1, 2, 1, 1), 255, dtype=np.uint8)})
+    return int(y.flat[0]) != 65  # round(64770 / 1000); clipped: round(32767 / 1000) = 33
 
 
 def integers(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

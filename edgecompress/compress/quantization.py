@@ -31,7 +31,11 @@ import onnx
 import torch
 from torch import nn
 
+from edgecompress.compress import exact
+
 QMAX = {8: 127, 4: 7, 2: 1}
+# 8-bit weights on a host whose onnxruntime clips pairs of int8 products (exact.pairs_saturate).
+QMAX_PAIRS_SATURATE = 64
 # Clip ratios tried for the MSE-optimal weight scale at low bit widths.
 _CLIP_GRID = torch.linspace(0.3, 1.0, 36)
 
@@ -46,6 +50,13 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
+def qmax(bits: int) -> int:
+    """The largest weight integer of `bits` bits: QMAX, except 8-bit weights on a host whose
+    int8 kernels clip pairs of products (an x86 CPU without VNNI; compress/exact.py), where
+    the file and its simulation keep within +-QMAX_PAIRS_SATURATE so that they agree."""
+    return QMAX_PAIRS_SATURATE if bits == 8 and exact.pairs_saturate() else QMAX[bits]
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round half to even forward, identity backward (straight-through estimator)."""
     return _RoundSTE.apply(x)
@@ -53,19 +64,19 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-output-channel symmetric scale, shape (O,): max-abs for 8 bits, MSE-clipped below."""
-    qmax = QMAX[bits]
+    top = qmax(bits)
     flat = w.detach().reshape(w.shape[0], -1)
     amax = flat.abs().amax(1)
     if bits >= 8:
         best = amax
     else:
         ratios = _CLIP_GRID.to(w.device, w.dtype)
-        scales = (amax[None, :] * ratios[:, None]) / qmax  # (R, O)
+        scales = (amax[None, :] * ratios[:, None]) / top  # (R, O)
         s = scales.clamp_min(1e-12)[..., None]
-        q = torch.clamp(torch.round(flat[None] / s), -qmax, qmax) * s
+        q = torch.clamp(torch.round(flat[None] / s), -top, top) * s
         err = ((q - flat[None]) ** 2).sum(2)  # (R, O)
         best = amax * ratios[err.argmin(0)]
-    scale = best / qmax
+    scale = best / top
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
@@ -73,25 +84,25 @@ def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     """(integer values as float, per-channel scale) of a weight tensor."""
     scale = weight_scale(w, bits)
     shape = (-1,) + (1,) * (w.dim() - 1)
-    q = torch.clamp(torch.round(w.detach() / scale.reshape(shape)), -QMAX[bits], QMAX[bits])
+    q = torch.clamp(torch.round(w.detach() / scale.reshape(shape)), -qmax(bits), qmax(bits))
     return q, scale
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     """w on its per-channel integer grid, with straight-through gradients."""
     scale = weight_scale(w, bits).reshape((-1,) + (1,) * (w.dim() - 1))
-    return torch.clamp(round_ste(w / scale), -QMAX[bits], QMAX[bits]) * scale
+    return torch.clamp(round_ste(w / scale), -qmax(bits), qmax(bits)) * scale
 
 
 def codebook_scale(codebook: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-tensor symmetric scale of a shared-weight codebook."""
     amax = codebook.detach().abs().max()
-    return amax / QMAX[bits] if amax > 0 else torch.ones((), dtype=codebook.dtype)
+    return amax / qmax(bits) if amax > 0 else torch.ones((), dtype=codebook.dtype)
 
 
 def fake_quant_codebook(codebook: torch.Tensor, bits: int) -> torch.Tensor:
     scale = codebook_scale(codebook, bits)
-    return torch.clamp(round_ste(codebook / scale), -QMAX[bits], QMAX[bits]) * scale
+    return torch.clamp(round_ste(codebook / scale), -qmax(bits), qmax(bits)) * scale
 
 
 _INT32_LIMIT = 2.0**31 - 1

@@ -30,7 +30,6 @@ from edgecompress.compress.quantization import (
     CALIBRATION_METHODS,
     HISTOGRAM_BINS,
     LAYER_OPS,
-    QMAX,
     ActQuant,
     QuantPoints,
     bias_integers,
@@ -39,6 +38,7 @@ from edgecompress.compress.quantization import (
     fake_quant_bias,
     fake_quant_codebook,
     fake_quant_weight,
+    qmax,
     quant_points,
     quantize_weight,
     weight_scale,
@@ -141,7 +141,7 @@ class LayerWeights(nn.Module):
         """A shared layer's codebook as the integers the file stores (as float), and its scale."""
         scale = self.scale()[0]
         q = torch.round(self.full_codebook().detach() / scale)
-        return torch.clamp(q, -QMAX[self.bits], QMAX[self.bits]), scale
+        return torch.clamp(q, -qmax(self.bits), qmax(self.bits)), scale
 
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight as the integers the file stores (as float), and the scale per output channel."""

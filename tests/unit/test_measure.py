@@ -281,8 +281,23 @@ def test_optional_job_keys_are_validated(key: str, value: object) -> None:
         validate_job({**job, key: value})
 
 
+def _fast_int8_host() -> bool:
+    """A CPU whose int8 dot products add in 32 bits in one instruction: x86 with VNNI, or ARM."""
+    import platform
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def test_int8_qdq_resnet20_is_faster_than_fp32_on_host(tmp_path: Path) -> None:
-    """Real timings of a real ResNet-20 export: the expected gap is ~2x (U8S8 on VNNI)."""
+    """Real timings of a real ResNet-20 export: the expected gap is ~2x (U8S8 on VNNI). On an
+    x86 CPU without VNNI, int8 is not faster (AVX2, AMD EPYC 7001: 2.6 ms against fp32's
+    2.4 ms): the test then says so and skips the speed check."""
     torch = pytest.importorskip("torch")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -301,6 +316,11 @@ def test_int8_qdq_resnet20_is_faster_than_fp32_on_host(tmp_path: Path) -> None:
     m32 = measure(fp32, profile, use_cache=False)
     m8 = measure(int8, profile, use_cache=False)
     assert m8.file_bytes < m32.file_bytes / 3
+    if not _fast_int8_host():
+        pytest.skip(
+            f"this CPU has no VNNI, so onnxruntime's int8 kernels are not faster here: "
+            f"int8 {m8.latency_ms:.2f} ms, fp32 {m32.latency_ms:.2f} ms"
+        )
     # The quiet median and min: what each takes when no other work preempts it.
     assert m8.latency_ms * 1.3 < m32.latency_ms, (m8.latency, m32.latency)
     assert m8.raw.min * 1.3 < m32.raw.min
