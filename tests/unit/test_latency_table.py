@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from quick_profiles import quick_profile
 
 from edgecompress.errors import MeasureError
 from edgecompress.measure.latency_table import (
@@ -224,7 +225,9 @@ def test_profile_on_host_writes_a_measured_copy_and_a_table(tmp_path: Path) -> N
     package = Path(load_profile("host").path).parent
     before = sorted(p.name for p in package.iterdir())
     stages = []
-    result = profile_device("host", out=tmp_path / "out", quick=True, progress=lambda s, f: stages.append(s))
+    result = profile_device(
+        quick_profile("host"), out=tmp_path / "out", quick=True, progress=lambda s, f: stages.append(s)
+    )
     assert sorted(p.name for p in package.iterdir()) == before  # never into the package
     assert result.profile_path == tmp_path / "out" / "host.yaml"
     assert result.table_path == tmp_path / "out" / "host.latency.json"
@@ -258,7 +261,9 @@ def test_profile_through_an_agent_measures_the_calibration(tmp_path: Path) -> No
     )
     try:
         url = agent.stdout.readline().split()[-1]
-        result = profile_device("satellite-board", remote=url, token=TOKEN, out=tmp_path, quick=True)
+        result = profile_device(
+            quick_profile("satellite-board"), remote=url, token=TOKEN, out=tmp_path, quick=True
+        )
     finally:
         agent.terminate()
         agent.wait(10)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from quick_profiles import write_quick_profiles
 
 from edgecompress.errors import OutputError, UsageError
 
@@ -32,10 +33,12 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
-    """A private EDGECOMPRESS_HOME (measurement cache, dataset cache) for this module."""
+    """A private EDGECOMPRESS_HOME (measurement cache, dataset cache) for this module, with
+    quick copies of the bundled profiles (0.5 s per measurement)."""
     path = tmp_path_factory.mktemp("home")
     old = os.environ.get("EDGECOMPRESS_HOME")
     os.environ["EDGECOMPRESS_HOME"] = str(path)
+    write_quick_profiles(path)
     yield path
     if old is None:
         os.environ.pop("EDGECOMPRESS_HOME", None)
