@@ -27,7 +27,26 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
+    return f"{cpu}{_cpu_features()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
+
+
+def _cpu_features() -> str:
+    """What decides onnxruntime's kernels and this machine's noise: SIMD width, VNNI, L3 size."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    rows = [line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")]
+    flags = rows[0] if rows else []
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    vnni = "VNNI" if {"avx512_vnni", "avx_vnni"} & set(flags) else "no VNNI"
+    l3 = ""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        l3 = f", L3 {size.replace('K', ' KiB')}"
+    except OSError:
+        pass
+    return f" ({simd}, {vnni}{l3})"
 
 
 def write_section(key: str, title: str, intro: str, lines: list[str], data: dict[str, Any]) -> None:
