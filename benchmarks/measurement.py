@@ -140,10 +140,10 @@ def previous_runs() -> list[dict]:
     return list(entry.get("history", []))
 
 
-def outliers(values: list[float]) -> int:
-    """Runs over OUTLIER x the median of their row."""
+def outliers(values: list[float]) -> list[int]:
+    """Which runs are over OUTLIER x the median of their row."""
     middle = statistics.median(values)
-    return sum(v > OUTLIER * middle for v in values)
+    return [k for k, v in enumerate(values) if v > OUTLIER * middle]
 
 
 def cv(values: list[float]) -> float:
@@ -227,13 +227,10 @@ def main() -> None:
                 "drift_percent": round(100 * statistics.median(results["host"]["drift"][key]), 1),
                 "window_s": round(statistics.median(results["host"]["window"][key]), 1),
                 "steal_percent": round(max(results["host"]["steal"][key]), 2),
-                "outliers": outliers(host_stat),
+                "outliers": len(outliers(host_stat)),
                 "outliers_labeled": sum(
-                    s or d > DRIFTING
-                    for v, s, d in zip(
-                        host_stat, results["host"]["slow"][key], results["host"]["drift"][key], strict=True
-                    )
-                    if v > OUTLIER * statistics.median(host_stat)
+                    results["host"]["slow"][key][k] or results["host"]["drift"][key][k] > DRIFTING
+                    for k in outliers(host_stat)
                 ),
                 "attempts": sum(results["host"]["attempts"][key]),
                 "undisturbed_percent": round(100 * statistics.median(results["host"]["quiet"][key]), 1),

@@ -36,6 +36,7 @@ Where `pairs_saturate()` finds that, 8-bit weights are kept within +-64
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -47,6 +48,15 @@ def pairs_saturate() -> bool:
     """Whether this host's onnxruntime clips a pair of uint8 x int8 products to int16:
     one QLinearConv of two 255 x 127 products (64770) tells."""
     import numpy as np
+
+    pair = qlinear_conv(np.full((1, 2, 1, 1), 255, np.uint8), np.full((1, 2, 1, 1), 127, np.int8), 1000.0)
+    return int(pair.flat[0]) != 65  # round(64770 / 1000); clipped: round(32767 / 1000) = 33
+
+
+def qlinear_conv(x: Any, weights: Any, out_scale: float, out_zero: int = 0, pads: int = 0) -> Any:
+    """onnxruntime's QLinearConv (CPU) on uint8 `x` and int8 `weights`, both with scale 1 and
+    zero point 0: round(conv(x, weights) / out_scale) + out_zero, as this host computes it."""
+    import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -55,24 +65,23 @@ def pairs_saturate() -> bool:
 
     inputs = ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"]
     graph = helper.make_graph(
-        [helper.make_node("QLinearConv", inputs, ["y"])],
-        "pair",
-        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 2, 1, 1])],
-        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1, 1, 1])],
+        [helper.make_node("QLinearConv", inputs, ["y"], pads=[pads] * 4)],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
         [
             const("xs", 1.0, np.float32),
             const("xz", 0, np.uint8),
-            const("w", np.full((1, 2, 1, 1), 127), np.int8),
+            const("w", weights, np.int8),
             const("ws", 1.0, np.float32),
             const("wz", 0, np.int8),
-            const("ys", 1000.0, np.float32),
-            const("yz", 0, np.uint8),
+            const("ys", out_scale, np.float32),
+            const("yz", out_zero, np.uint8),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (y,) = session.run(None, {"x": np.full((1, 2, 1, 1), 255, dtype=np.uint8)})
-    return int(y.flat[0]) != 65  # round(64770 / 1000); clipped: round(32767 / 1000) = 33
+    return session.run(None, {"x": x})[0]
 
 
 def integers(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -302,41 +302,10 @@ def test_qlinear_add_equals_onnxruntime_over_random_scales_and_zero_points(tmp_p
     assert checked == 40 * 256 * 256
 
 
-def _qlinear_conv(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """onnxruntime's QLinearConv on uint8 x and int8 weights (scales 1, output scale 1000)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    def const(name: str, value: object, dtype: object) -> onnx.TensorProto:
-        return numpy_helper.from_array(np.array(value, dtype=dtype), name)
-
-    graph = helper.make_graph(
-        [
-            helper.make_node(
-                "QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], pads=[1] * 4
-            )
-        ],
-        "conv",
-        [helper.make_tensor_value_info("x", TensorProto.UINT8, list(x.shape))],
-        [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
-        [
-            const("xs", 1.0, np.float32),
-            const("xz", 0, np.uint8),
-            numpy_helper.from_array(weights, "w"),
-            const("ws", 1.0, np.float32),
-            const("wz", 0, np.int8),
-            const("ys", 1000.0, np.float32),
-            const("yz", 128, np.uint8),
-        ],
-    )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0].astype(np.int64)
-
-
 def test_8_bit_weights_keep_to_a_range_this_hosts_kernels_add_exactly() -> None:
     """On any host, a QLinearConv with weights within qmax(8) gives the exact integers; where
     the probe says pairs saturate (x86 without VNNI), full-range weights really do not."""
-    from edgecompress.compress.exact import pairs_saturate
+    from edgecompress.compress.exact import pairs_saturate, qlinear_conv
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (1, 32, 6, 6)).astype(np.uint8)
@@ -350,6 +319,6 @@ def test_8_bit_weights_keep_to_a_range_this_hosts_kernels_add_exactly() -> None:
     top = q.qmax(8)
     assert top == (q.QMAX_PAIRS_SATURATE if pairs_saturate() else q.QMAX[8])
     kept = rng.integers(-top, top + 1, (8, 32, 3, 3)).astype(np.int8)
-    np.testing.assert_array_equal(_qlinear_conv(kept, x), exact(kept))
+    np.testing.assert_array_equal(qlinear_conv(x, kept, 1000.0, 128, pads=1), exact(kept))
     full = rng.integers(-127, 128, (8, 32, 3, 3)).astype(np.int8)
-    assert pairs_saturate() == (not np.array_equal(_qlinear_conv(full, x), exact(full)))
+    assert pairs_saturate() == (not np.array_equal(qlinear_conv(x, full, 1000.0, 128, pads=1), exact(full)))
