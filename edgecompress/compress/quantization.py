@@ -84,14 +84,16 @@ def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     """(integer values as float, per-channel scale) of a weight tensor."""
     scale = weight_scale(w, bits)
     shape = (-1,) + (1,) * (w.dim() - 1)
-    q = torch.clamp(torch.round(w.detach() / scale.reshape(shape)), -qmax(bits), qmax(bits))
+    top = qmax(bits)
+    q = torch.clamp(torch.round(w.detach() / scale.reshape(shape)), -top, top)
     return q, scale
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     """w on its per-channel integer grid, with straight-through gradients."""
     scale = weight_scale(w, bits).reshape((-1,) + (1,) * (w.dim() - 1))
-    return torch.clamp(round_ste(w / scale), -qmax(bits), qmax(bits)) * scale
+    top = qmax(bits)
+    return torch.clamp(round_ste(w / scale), -top, top) * scale
 
 
 def codebook_scale(codebook: torch.Tensor, bits: int) -> torch.Tensor:
@@ -102,7 +104,8 @@ def codebook_scale(codebook: torch.Tensor, bits: int) -> torch.Tensor:
 
 def fake_quant_codebook(codebook: torch.Tensor, bits: int) -> torch.Tensor:
     scale = codebook_scale(codebook, bits)
-    return torch.clamp(round_ste(codebook / scale), -qmax(bits), qmax(bits)) * scale
+    top = qmax(bits)
+    return torch.clamp(round_ste(codebook / scale), -top, top) * scale
 
 
 _INT32_LIMIT = 2.0**31 - 1

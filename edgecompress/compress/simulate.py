@@ -141,7 +141,8 @@ class LayerWeights(nn.Module):
         """A shared layer's codebook as the integers the file stores (as float), and its scale."""
         scale = self.scale()[0]
         q = torch.round(self.full_codebook().detach() / scale)
-        return torch.clamp(q, -qmax(self.bits), qmax(self.bits)), scale
+        top = qmax(self.bits)
+        return torch.clamp(q, -top, top), scale
 
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight as the integers the file stores (as float), and the scale per output channel."""
