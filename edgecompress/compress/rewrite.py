@@ -238,13 +238,32 @@ def to_onnx(
     def reads(name: str) -> str:
         return f"{name}_dq" if name in quantized else name
 
+    float_reads: set[str] = set()
+
+    def reads_as_float(name: str) -> str:
+        """A quantized tensor as the input of a Conv/Gemm that keeps float weights.
+        onnxruntime's WeightBiasQuantization turns a Conv/Gemm whose input comes straight
+        from a DequantizeLinear into an int8 one (symmetric per-tensor weights, +-127, which
+        the simulation does not do and x86 kernels without VNNI saturate). Max(x, x), which
+        no optimizer removes, stands between them, so the layer stays float as planned."""
+        if name not in float_reads:
+            float_reads.add(name)
+            new_nodes.append(
+                helper.make_node("Max", [f"{name}_dq", f"{name}_dq"], [f"{name}_f"], name=f"{name}_float")
+            )
+        return f"{name}_f"
+
     if sim.input_name in quantized:
         emit_qdq(sim.input_name)
     for node in graph.node:
         node = copy.deepcopy(node)
+        source = node.input[0] if node.input else ""
         for k, name in enumerate(node.input):
             if name:
                 node.input[k] = reads(name)
+        int8_layer = node.name in weight_inputs and sim.layer(node.name).int8
+        if node.op_type in ("Conv", "Gemm") and not int8_layer and source in quantized:
+            node.input[0] = reads_as_float(source)
         if node.name in weight_inputs:
             new_nodes.extend(preludes[node.name])
             w, bias = weight_inputs[node.name]

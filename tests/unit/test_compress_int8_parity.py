@@ -107,6 +107,35 @@ def test_fused_int8_kernels_equal_the_evaluated_simulation_bit_for_bit(label, tm
     assert check_parity(sim, model.spec, path, random_images(model.spec, 128, seed=2)).top1_agreement == 1.0
 
 
+def test_float_layers_between_int8_layers_stay_float_in_onnxruntime(tmp_path) -> None:
+    """A layer planned with float weights whose input an int8 layer quantized: onnxruntime
+    must run it in float as the simulation does. Its WeightBiasQuantization quantizes the
+    float weights of a Conv/Gemm fed straight by a DequantizeLinear (int8 per tensor), which
+    moved 10-24% of the next layers' integers and up to 2% of top-1 on an AVX2 host. What
+    remains are one-step differences where a float layer's output is quantized: torch and
+    onnxruntime add a float convolution's products in different orders."""
+    model = trained_small_cnn()
+    float_32, weight_only = {"weight_bits": 32}, {"weight_bits": 4, "activations": "float"}
+    int8 = {"weight_bits": 8, "activations": "int8"}
+    layers = {"features.3": int8, "features.6": float_32, "features.9": int8, "features.12": weight_only}
+    plan = CompressionPlan.from_dict({"layers": {**layers, "features.15": int8, "classifier": float_32}})
+    sim = apply(model, plan, calibration=digits("train", 256).x).module.eval()
+    x = model.spec.normalize(digits("test").x)
+    fused = _fused_tensors(to_onnx(sim, compact=False), x, tmp_path)
+    optimized = onnx.load(tmp_path / "fused.onnx")
+    assert sum(n.op_type == "QLinearConv" for n in optimized.graph.node) == 3  # the int8 layers only
+    with torch.no_grad():
+        values = sim.tensors(torch.from_numpy(x))
+    for name, got in fused.items():
+        tensor = name.removesuffix("_q")
+        scale, zero = sim.act_quant(tensor).params()
+        diff = np.abs(got.astype(np.float64) - (torch.round(values[tensor] / scale) + zero).numpy())
+        # Without the fix: 10-24% of the integers after the float layer moved, by up to 5.
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (tensor, diff.max(), (diff > 0).mean())
+    path = save_onnx(to_onnx(sim), tmp_path / "model.onnx", force=True)
+    assert check_parity(sim, model.spec, path, digits("test").x).top1_agreement >= 0.995
+
+
 def test_the_straight_through_simulation_differs_from_the_kernels_only_at_rounding_ties(tmp_path) -> None:
     """The training-time (straight-through) simulation computes round(conv(x, w) / s) in
     float: each QLinearConv, QLinearAdd and QLinearGlobalAveragePool output of onnxruntime,

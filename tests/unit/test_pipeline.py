@@ -130,10 +130,10 @@ def test_the_onnx_file_runs_in_plain_onnxruntime_with_the_reported_accuracy(run)
     logits = session.run(None, {session.get_inputs()[0].name: spec.normalize(test.x)})[0]
     accuracy = 100.0 * float(np.mean(logits.argmax(1) == test.y))
     assert accuracy == pytest.approx(run.test_accuracy)
-    # Not 1.0: on an x86 host without VNNI, plans that mix float and int8 layers agreed with
-    # their torch simulation on 97.5-100% of the digits test images (25 random mixed plans;
-    # every uniform plan: 100%). The cause is not found yet; the accuracy above is the file's.
-    assert run.final["parity"]["top1_agreement"] >= 0.95
+    # Not 1.0: where a float layer's output is quantized, torch and onnxruntime add its
+    # products in different orders, and a value at a rounding tie moves one step (59 of 60
+    # random mixed plans agreed on all 360 images, one on 359).
+    assert run.final["parity"]["top1_agreement"] >= 0.99
 
 
 def test_the_run_folder_holds_plan_report_and_every_candidate(run) -> None:
