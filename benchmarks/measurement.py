@@ -40,6 +40,7 @@ from edgecompress.export import write_onnx  # noqa: E402
 from edgecompress.measure import measure  # noqa: E402
 from edgecompress.measure.calibrate import profile_device  # noqa: E402
 from edgecompress.measure.latency_table import explain_latency, load_table  # noqa: E402
+from edgecompress.measure.machine_state import USUAL_WINDOWS  # noqa: E402
 from edgecompress.measure.reference import to_qdq  # noqa: E402
 from edgecompress.measure.runner import DRIFTING, STEADY_SPREAD  # noqa: E402
 from edgecompress.profiles import load_profile  # noqa: E402
@@ -100,6 +101,7 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
     drift: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     window: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     steal: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    reference: list[float] = []  # the speed reference's ms in each run's window
     last = {}
     for run in range(runs):
         for name, precision, path in models:
@@ -112,6 +114,8 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
             drift[(name, precision)].append(m.latency.drift)
             window[(name, precision)].append(m.latency.window_s)
             steal[(name, precision)].append(m.steal_percent or 0.0)
+            if m.raw is not None and m.raw.reference_ms is not None:
+                reference.append(m.raw.reference_ms)
             last[(name, precision)] = m
         print(f"{device}: run {run + 1}/{runs} done (load {_load()})", flush=True)
     return {
@@ -123,8 +127,24 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
         "drift": drift,
         "window": window,
         "steal": steal,
+        "reference": reference,
         "last": last,
     }
+
+
+def learn_usual_speed(models: list[tuple[str, str, Path]]) -> tuple[float, int]:
+    """Measure the models in turn on host until the speed reference's usual ms on this
+    machine is fixed (machine_state.USUAL_WINDOWS windows), as it is on any machine after
+    its first measurements; (that usual ms, the measurements it took)."""
+    taken = 0
+    while True:
+        for _name, _precision, path in models:
+            m = measure(path, "host", use_cache=False)
+            taken += 1
+            if not any("still being learned" in n for n in m.notes):
+                return m.raw.referenced_p50 / m.raw.reference_ratio, taken
+            if taken > 4 * USUAL_WINDOWS:
+                raise SystemExit("the host profile's figures are not speed-referenced: nothing to learn")
 
 
 def previous_runs() -> list[dict]:
@@ -198,6 +218,10 @@ def main() -> None:
             result = profile_device("host", out=folder / "profile", quick=bool(args.models))
             table, table_cmd = result.table, "profile_device('host')"
         loads.append(_load())
+        usual = None
+        if host.protocol.statistic == "referenced_p50":
+            print("learning the host's usual speed ...", flush=True)
+            usual = learn_usual_speed(models)
         results = {d: repeatability(models, d, args.runs) for d in args.devices.split(",")}
         loads.append(_load())
         data_rows = []
@@ -327,6 +351,19 @@ def main() -> None:
             f"of {args.runs * len(data_rows)} host runs; {sum(r['outliers_labeled'] for r in data_rows)} "
             "of them carried a label (slow or drifting). 'max steal': the most of a run's timed window "
             "the hypervisor gave the core to other work.",
+            *(
+                [
+                    f"- Speed reference (a ResNet-8 timed between the model's runs; the figure is the "
+                    f"model's ratio to it times its usual ms here): usual {usual[0]:.3f} ms, the median of "
+                    f"its first {USUAL_WINDOWS} timed windows on this machine ({usual[1]} measurements, "
+                    "retries included), taken before these runs. In the runs' "
+                    f"windows it took {min(results['host']['reference']):.3f}-"
+                    f"{max(results['host']['reference']):.3f} ms (CV "
+                    f"{100 * cv(results['host']['reference']):.1f}%): how much the machine's speed moved."
+                ]
+                if usual
+                else []
+            ),
             f"- Table prediction on these models (none in the table's suite) against the median {statistic}: "
             f"MAPE {mape_all:.1f}% (fp32 {np.mean(fp32):.1f}%, int8 {np.mean(int8):.1f}%; target <= 10%: "
             f"{verdict(mape_all, 10)}; goal 5%: {verdict(mape_all, 5)}). Against the median plain p50: "

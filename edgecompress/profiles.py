@@ -83,11 +83,15 @@ class Protocol:
     last-level cache shared with other tenants drifts over seconds). `quiet_p50` is the
     median over the window's half-second stretches of their undisturbed runs (see
     measure/runner.quiet_p50): on a shared machine it repeats where the plain p50 does not.
+    `referenced_p50` times a fixed small CNN between the model's runs and reports the
+    model's ratio to it (median over the stretches) times its usual ms on this machine
+    (measure/machine_state.usual_reference): it repeats where a machine's speed moves for
+    minutes. Where no reference runs (an agent on a board) it is the quiet_p50.
     """
 
     warmup: int = field(metadata=_check("non-negative"))
     repeats: int = field(metadata=_check("positive"))
-    statistic: Literal["p50", "p90", "mean", "min", "quiet_p50"]
+    statistic: Literal["p50", "p90", "mean", "min", "quiet_p50", "referenced_p50"]
     min_time_s: float = field(default=0.0, metadata=_check("non-negative"))
     max_time_s: float = field(default=0.0, metadata=_check("non-negative"))  # 0: min_time_s
     # A figure whose machine-state probe ran more than slow_threshold (a fraction) slower

@@ -9,6 +9,11 @@ memory part and a compute part, timed before and after the model). This module k
 fastest probe seen per machine in a small JSON file beside the measurement cache, labels
 a measurement whose probe ran more than the profile's `slow_threshold` slower than that,
 and measures again up to `slow_retries` times, keeping the attempt with the fastest probe.
+
+It also keeps the speed reference's usual ms per machine (usual_reference). The probe is
+a numpy workload unlike a CNN, and timed beside the model, not between its runs; the
+speed reference is a small CNN timed between the model's runs (runner.referenced_figures),
+so a speed-referenced figure (statistic referenced_p50) moves with the machine far less.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import platform
 import socket
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +41,8 @@ FILE_NAME = "machine_probe.json"
 PARTS = ("memory", "compute")
 MAX_RETRIES = 10  # whatever a profile says, a measurement is taken at most 11 times
 PAUSE_S = 1.0  # between attempts: a slow period may be a burst of a few seconds
+REFERENCE_FILE = "speed_reference.json"
+USUAL_WINDOWS = 25
 
 
 def record_path() -> Path:
@@ -48,7 +56,13 @@ def machine_key(mode: str, remote: str | None, cores: int) -> str:
     return f"{mode} | {where} | {cores} core(s) | probe v{PROBE_VERSION}"
 
 
-def _read(path: Path) -> dict[str, dict[str, float]]:
+def _probe_record(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(value.get(f"{p}_ms"), (int, float)) and value[f"{p}_ms"] > 0 for p in PARTS
+    )
+
+
+def _read(path: Path, valid: Callable[[object], bool] = _probe_record) -> dict[str, dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -60,13 +74,7 @@ def _read(path: Path) -> dict[str, dict[str, float]]:
     if not isinstance(records, dict):
         log.warning("ignoring a machine-probe record %s of the wrong shape; starting it again", path)
         return {}
-    good = {}
-    for key, value in records.items():
-        if isinstance(value, dict) and all(
-            isinstance(value.get(f"{p}_ms"), (int, float)) and value[f"{p}_ms"] > 0 for p in PARTS
-        ):
-            good[key] = value
-    return good
+    return {key: value for key, value in records.items() if valid(value)}
 
 
 @contextmanager
@@ -85,7 +93,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _write(path: Path, records: dict[str, dict[str, float]]) -> None:
+def _write(path: Path, records: dict[str, dict]) -> None:
     """Replace the file atomically: readers see the old or the new content, never half."""
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     try:
@@ -117,6 +125,37 @@ def fastest_probe(key: str, measurement: Measurement, path: Path | None = None) 
         log.warning("could not keep the machine-probe record %s: %s", path, err)
         best = {k: min(v, _read(path).get(key, {}).get(k, v)) for k, v in mine.items()}
     return best
+
+
+def _reference_record(value: object) -> bool:
+    times = value.get("reference_ms") if isinstance(value, dict) else None
+    return isinstance(times, list) and all(isinstance(t, (int, float)) and t > 0 for t in times)
+
+
+def usual_reference(key: str, reference_ms: float, path: Path | None = None) -> tuple[float, int]:
+    """The speed reference's usual ms on this machine (`key`): the median of the first
+    USUAL_WINDOWS windows it was timed in here, this one included while they are being
+    collected; and how many windows it is from. Fixed after that, so figures taken weeks
+    apart stay comparable; delete the file (reference_path()) to take it again. A record
+    that cannot be kept only logs."""
+    path = path or reference_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            records = _read(path, _reference_record)
+            times = list(records.get(key, {}).get("reference_ms", []))
+            if len(times) < USUAL_WINDOWS:
+                times.append(round(reference_ms, 5))
+                records[key] = {"reference_ms": times, "time": time.time()}
+                _write(path, records)
+    except OSError as err:
+        log.warning("could not keep the speed-reference record %s: %s", path, err)
+        times = [*_read(path, _reference_record).get(key, {}).get("reference_ms", []), reference_ms]
+    return float(statistics.median(times[:USUAL_WINDOWS])), min(len(times), USUAL_WINDOWS)
+
+
+def reference_path() -> Path:
+    return home_dir() / "cache" / REFERENCE_FILE
 
 
 def slowdown(measurement: Measurement, fastest: dict[str, float]) -> dict[str, float]:

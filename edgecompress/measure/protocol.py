@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from edgecompress.errors import MeasureError
-from edgecompress.measure.runner import DRIFTING, stretch_figures
+from edgecompress.measure.runner import DRIFTING, REFERENCE_VERSION, referenced_figures, stretch_figures
 from edgecompress.profiles import DeviceProfile
 
 EXCEEDS_MEMORY = "exceeds the device's memory"
 # Steal time (percent of the timed window's core time) above which a figure carries a note.
 STOLEN = 2.0
+FALLBACK = {"referenced_p50": ("referenced_p50", "quiet_p50"), "quiet_p50": ("quiet_p50",)}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,13 @@ class LatencyStats:
     # half-second stretches' undisturbed medians (runner.stretch_figures); the window's length in s.
     drift: float | None = None
     window_s: float | None = None
+    # Timed against the speed reference (runner.referenced_figures): the model's ms over a
+    # fixed small CNN's ms in the same stretches, the reference's ms in this window (raw,
+    # where the model ran), and the ratio times the reference's usual ms on this machine
+    # (machine_state.usual_reference): what the model takes when the machine runs as usual.
+    reference_ratio: float | None = None
+    reference_ms: float | None = None
+    referenced_p50: float | None = None
 
     def scaled(self, factor: float) -> LatencyStats:
         return LatencyStats(
@@ -59,21 +67,41 @@ class LatencyStats:
             quiet_fraction=self.quiet_fraction,
             drift=self.drift,
             window_s=self.window_s,
+            reference_ratio=self.reference_ratio,
+            reference_ms=self.reference_ms,
+            referenced_p50=None if self.referenced_p50 is None else self.referenced_p50 * factor,
         )
 
+    def chosen(self, statistic: str) -> str:
+        """The statistic this record can give for the one asked: a figure timed without the
+        speed reference (an agent's, one cached before it) has the quiet median, and one
+        cached before that only the plain median."""
+        for name in FALLBACK.get(statistic, (statistic,)):
+            if getattr(self, name) is not None:
+                return name
+        return "p50"
+
     def pick(self, statistic: str) -> float:
-        value = getattr(self, statistic)
-        # Records cached before the quiet statistic existed have only the plain median.
-        return float(self.p50 if value is None and statistic == "quiet_p50" else value)
+        return float(getattr(self, self.chosen(statistic)))
 
 
-def summarize(samples_ns: list[int] | np.ndarray) -> LatencyStats:
-    """Statistics of timed repeats given in nanoseconds (time.perf_counter_ns)."""
+def summarize(
+    samples_ns: list[int] | np.ndarray, reference: tuple[list[int], list[int]] | None = None
+) -> LatencyStats:
+    """Statistics of timed repeats given in nanoseconds (time.perf_counter_ns); with
+    `reference` (the speed reference's ns and how many model runs came before each), the
+    model's ratio to it and its ms (referenced_p50 is set by the caller, who knows the
+    reference's usual ms)."""
     ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
     if ms.size == 0:
         raise MeasureError("no timed repeats came back; raise protocol.repeats in the profile")
     mean = float(ms.mean())
     quiet, fraction, drift = stretch_figures(samples_ns)
+    ratio = reference_ms = None
+    if reference is not None:
+        figures = referenced_figures(samples_ns, *reference)
+        if figures is not None:
+            ratio, reference_ms = figures
     return LatencyStats(
         p50=float(np.percentile(ms, 50)),
         p90=float(np.percentile(ms, 90)),
@@ -86,6 +114,8 @@ def summarize(samples_ns: list[int] | np.ndarray) -> LatencyStats:
         quiet_fraction=fraction,
         drift=drift,
         window_s=float(ms.sum() / 1000),
+        reference_ratio=ratio,
+        reference_ms=reference_ms,
     )
 
 
@@ -242,6 +272,28 @@ def job_for(
     return job
 
 
+def _speed_referenced(raw: LatencyStats, mode: str, cores: int, notes: list[str]) -> LatencyStats:
+    """`raw` with referenced_p50 (its ratio to the speed reference times the reference's
+    usual ms on this machine) and a note saying so; as it is without reference runs."""
+    if raw.reference_ratio is None or raw.reference_ms is None:
+        return raw
+    from edgecompress.measure.machine_state import USUAL_WINDOWS, machine_key, usual_reference
+
+    usual, windows = usual_reference(f"{machine_key(mode, None, cores)} | reference v{REFERENCE_VERSION}",
+                                     raw.reference_ms)  # fmt: skip
+    notes.append(
+        f"speed-referenced: the model ran {raw.reference_ratio:.3f}x as long as a fixed reference "
+        f"CNN timed between its runs, which took {raw.reference_ms:.3f} ms here now and "
+        f"{usual:.3f} ms as usual on this machine"
+    )
+    if windows < USUAL_WINDOWS:
+        notes.append(
+            f"this machine's usual speed is still being learned ({windows} of {USUAL_WINDOWS} "
+            "measurements): until then its figures can move with it"
+        )
+    return dataclasses.replace(raw, referenced_p50=raw.reference_ratio * usual)
+
+
 def make_measurement(
     path: Path,
     sha256: str,
@@ -269,7 +321,9 @@ def make_measurement(
     raw = latency = steal_percent = None
     peak = one.get("peak_rss_mb")
     if status == "ok":
-        raw = summarize(one["samples_ns"])
+        reference = (one["reference_ns"], one["reference_at"]) if "reference_ns" in one else None
+        raw = summarize(one["samples_ns"], reference)
+        raw = _speed_referenced(raw, mode, int(worker.get("cores_used", 1)), notes)
         latency = raw.scaled(latency_scale)
         steal = one.get("steal_s")
         if steal is not None and raw.window_s:
@@ -279,7 +333,7 @@ def make_measurement(
                     f"the hypervisor gave {steal_percent:.0f}% of the core time in the timed window to "
                     "other work (steal time): the figure may be high; measure again when the host is quieter"
                 )
-        if profile.protocol.statistic == "quiet_p50" and (raw.drift or 0.0) > DRIFTING:
+        if raw.chosen(profile.protocol.statistic) in FALLBACK and (raw.drift or 0.0) > DRIFTING:
             notes.append(
                 f"drifting: over the {raw.window_s:.0f} s window the latency moved {100 * raw.drift:.0f}% "
                 "(interquartile range of its half-second stretches), as models whose weights live in a "
@@ -299,7 +353,7 @@ def make_measurement(
     fits_storage = file_bytes / 1024 <= profile.budgets.storage_kb
     if not fits_storage:
         notes.append(f"file {file_bytes / 1024:.1f} KB > storage budget {profile.budgets.storage_kb:g} KB")
-    statistic = profile.protocol.statistic
+    statistic = profile.protocol.statistic if raw is None else raw.chosen(profile.protocol.statistic)
     return Measurement(
         model=str(path),
         sha256=sha256,

@@ -171,6 +171,21 @@ def resnet(widths: tuple[int, int, int], blocks: int, seed: int = 0) -> Any:
     return g.model(g.gemm(g.flatten(g.global_pool(x)), 10))
 
 
+def speed_reference(folder: Path) -> Path:
+    """The speed reference's file in `folder`, written once: ResNet-8 at widths 16/32/64
+    (0.3 MB, about 1 ms on a server core), a fixed workload timed between a model's runs
+    (runner.REFERENCE_VERSION names this graph: bump it when it changes)."""
+    from edgecompress.measure.runner import REFERENCE_VERSION
+
+    path = folder / f"speed-reference-v{REFERENCE_VERSION}.onnx"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
+            f.write(resnet((16, 32, 64), 1, seed=0).SerializeToString())
+        Path(f.name).replace(path)
+    return path
+
+
 def vgg(widths: tuple[int, ...], convs: int = 2, seed: int = 0) -> Any:
     """A VGG-like plain network: `convs` 3x3 convs then a 2x2 max-pool per stage."""
     g = GraphBuilder(f"vgg_{'x'.join(map(str, widths))}", 3, 32, seed)

@@ -42,7 +42,13 @@ JOB_KEYS = {
     "seed": int,
     "node_times": bool,
 }
-OPTIONAL_KEYS = {"min_time_s": (int, float), "max_time_s": (int, float), "spare_core": bool, "probe": bool}
+OPTIONAL_KEYS = {
+    "min_time_s": (int, float),
+    "max_time_s": (int, float),
+    "spare_core": bool,
+    "probe": bool,
+    "reference": str,
+}
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
 # Limits that keep a hostile or mistaken job from pinning a board for hours.
@@ -74,6 +80,15 @@ PROBE_MB = 32
 PROBE_N = 128
 PROBE_MATMULS = 50
 PROBE_REPEATS = 10
+# The speed reference (job key "reference": a fixed small CNN's path): timed for about
+# REFERENCE_MS after every MODEL_SPAN_MS of the model's runs, in the same window, so
+# both see the same machine. A shared core's speed moves for minutes at a time (its
+# clock, a neighbour on its hyperthread sibling, the shared cache): the model's ms over
+# the reference's ms stays where the ms themselves do not.
+REFERENCE_VERSION = 1  # reference.speed_reference(); a change resets each machine's usual ms
+MODEL_SPAN_MS = 40.0
+REFERENCE_MS = 10.0
+MIN_REFERENCE_RUNS = 3  # per stretch, for its ratio to count
 _MEMORY_FAILURE = re.compile(
     r"bad_alloc|failed to allocate|out of memory|cannot allocate|memoryerror|"
     r"allocation failed|not enough memory",
@@ -236,6 +251,30 @@ def window_spread(samples_ns: Any) -> float:
     return float(max(values) / min(values) - 1.0)
 
 
+def referenced_figures(samples_ns: Any, reference_ns: Any, reference_at: Any) -> tuple[float, float] | None:
+    """(the model's ms over the speed reference's ms, the reference's ms) over a window in
+    which the reference ran between the model's runs (`reference_at`: how many model runs
+    came before each reference run). Each half-second stretch gives its undisturbed model
+    median over the median of the reference runs inside it; the figure is the median of
+    those ratios, so a stretch in which the machine ran slower or faster counts like any
+    other. None where no stretch held MIN_REFERENCE_RUNS reference runs."""
+    import numpy as np
+
+    values, _medians, _runs, stretch_of = _stretch_medians(samples_ns)
+    ref_ms = np.asarray(reference_ns, dtype=np.float64) / 1e6
+    after = np.clip(np.asarray(reference_at, dtype=np.int64) - 1, 0, len(stretch_of) - 1)
+    ref_stretch = stretch_of[after]
+    ratios, refs = [], []
+    for k, value in enumerate(values):
+        mine = ref_ms[ref_stretch == k]
+        if mine.size >= MIN_REFERENCE_RUNS:
+            ratios.append(value / float(np.median(mine)))
+            refs.append(float(np.median(mine)))
+    if not ratios:
+        return None
+    return float(np.median(ratios)), float(np.median(refs))
+
+
 def stretch_figures(samples_ns: Any) -> tuple[float, float, float]:
     """(quiet_p50, its quiet fraction, drift) from one cut of the window into stretches.
     Drift is how far the latency moved across the window: the interquartile range over the
@@ -243,7 +282,7 @@ def stretch_figures(samples_ns: Any) -> tuple[float, float, float]:
     0 for a window of one stretch."""
     import numpy as np
 
-    values, medians, runs = _stretch_medians(samples_ns)
+    values, medians, runs, _stretch_of = _stretch_medians(samples_ns)
     quiet = runs[medians <= medians.min() * (1 + QUIET_TOLERANCE)].sum()
     spread = 0.0
     if len(values) >= 2:
@@ -252,15 +291,17 @@ def stretch_figures(samples_ns: Any) -> tuple[float, float, float]:
     return float(np.median(values)), float(quiet / runs.sum()), spread
 
 
-def _stretch_medians(samples_ns: Any) -> tuple[list[float], Any, Any]:
+def _stretch_medians(samples_ns: Any) -> tuple[list[float], Any, Any, Any]:
     """(undisturbed median ms of each STRETCH_S stretch, median ms of every block, runs in
-    every block)."""
+    every block, the stretch each run belongs to)."""
     import numpy as np
 
     ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
     if ms.size == 0:
         raise ValueError("no timed runs")
     values, medians, runs = [], [], []
+    which = _span_of(ms, int(round(ms.sum() / (STRETCH_S * 1000))))
+    _kept, stretch_of = np.unique(which, return_inverse=True)
     for part in _cut(ms, int(round(ms.sum() / (STRETCH_S * 1000)))):
         count = int(min(part.size // MIN_BLOCK_RUNS, round(part.sum() / BLOCK_MS)))
         blocks = _cut(part, count) if count >= 2 else [part]
@@ -269,34 +310,54 @@ def _stretch_medians(samples_ns: Any) -> tuple[list[float], Any, Any]:
         values.append(float(np.median(np.concatenate([b for b, q in zip(blocks, quiet, strict=True) if q]))))
         medians += list(block_medians)
         runs += [b.size for b in blocks]
-    return values, np.asarray(medians), np.asarray(runs)
+    return values, np.asarray(medians), np.asarray(runs), stretch_of
 
 
 def _cut(ms: Any, parts: int) -> list[Any]:
     """Runs cut in time order into `parts` spans of equal time (at least one), each run in
     the span in which it ended; empty spans (one run longer than a span) left out."""
+    which = _span_of(ms, parts)
+    return [ms[which == k] for k in range(max(1, parts)) if (which == k).any()]
+
+
+def _span_of(ms: Any, parts: int) -> Any:
+    """For each run, the span (of `parts` equal spans of time) in which it ended."""
     import numpy as np
 
     parts = max(1, parts)
     ends = np.cumsum(ms)
-    which = np.minimum((ends / (ends[-1] / parts) - 1e-9).astype(int), parts - 1)
-    return [ms[which == k] for k in range(parts) if (which == k).any()]
+    return np.minimum((ends / (ends[-1] / parts) - 1e-9).astype(int), parts - 1)
 
 
-def _time_runs(session: Any, feeds: dict, repeats: int, min_time_s: float, max_time_s: float) -> list[int]:
+def _time_runs(
+    session: Any,
+    feeds: dict,
+    repeats: int,
+    min_time_s: float,
+    max_time_s: float,
+    reference: tuple[Any, dict, list[int], list[int]] | None = None,
+) -> list[int]:
     """At least `repeats` timed runs and at least min_time_s of them; longer, up to
     max_time_s, while the window is not steady (its stretches disagree by more than
-    STEADY_SPREAD): a drifting model needs many seconds before its median settles."""
+    STEADY_SPREAD): a drifting model needs many seconds before its median settles.
+    `reference` (session, feeds, and two lists it fills: each run's ns and how many model
+    runs came before it) is timed for REFERENCE_MS after every MODEL_SPAN_MS of the model."""
     min_ns = int(min_time_s * 1e9)
     max_ns = int(max(max_time_s, min_time_s) * 1e9)
     samples: list[int] = []
     began = time.perf_counter_ns()
     next_check = began + min_ns
+    span_ns = 0
     while True:
         start = time.perf_counter_ns()
         session.run(None, feeds)
         now = time.perf_counter_ns()
         samples.append(now - start)
+        span_ns += now - start
+        if reference is not None and span_ns >= MODEL_SPAN_MS * 1e6:
+            _time_reference(reference, len(samples))
+            span_ns = 0
+            now = time.perf_counter_ns()
         if len(samples) < repeats or (now < next_check and len(samples) < MAX_REPEATS):
             continue
         if now - began >= max_ns or len(samples) >= MAX_REPEATS:
@@ -306,6 +367,20 @@ def _time_runs(session: Any, feeds: dict, repeats: int, min_time_s: float, max_t
         # Unsteady: time on to the end, checking only to respect MAX_REPEATS.
         next_check = began + max_ns
     return samples
+
+
+def _time_reference(reference: tuple[Any, dict, list[int], list[int]], done: int) -> None:
+    """Run the speed reference for about REFERENCE_MS (at least once), recording each run."""
+    session, feeds, times, at = reference
+    began = time.perf_counter_ns()
+    while True:
+        start = time.perf_counter_ns()
+        session.run(None, feeds)
+        now = time.perf_counter_ns()
+        times.append(now - start)
+        at.append(done)
+        if now - began >= REFERENCE_MS * 1e6:
+            return
 
 
 # ---------------------------------------------------------------- worker side
@@ -510,6 +585,20 @@ def _node_times(profile_path: str, skip: int) -> list[list]:
     return times
 
 
+def _reference_session(ort: Any, job: dict[str, Any], threads: int, rng: Any) -> tuple | None:
+    """The speed reference's session, warmed up, with its two empty record lists; None
+    when the job names no reference."""
+    if not job.get("reference"):
+        return None
+    session = ort.InferenceSession(
+        job["reference"], _session_options(ort, job, threads), providers=["CPUExecutionProvider"]
+    )
+    feeds = _inputs(session, rng)
+    for _ in range(max(3, job["warmup"] // 2)):
+        session.run(None, feeds)
+    return session, feeds, [], []
+
+
 def _measure_one(ort: Any, entry: dict[str, str], job: dict[str, Any], threads: int) -> dict:
     import tempfile
 
@@ -532,9 +621,12 @@ def _measure_one(ort: Any, entry: dict[str, str], job: dict[str, Any], threads: 
             session.run(None, feeds)
         min_time_s = float(job.get("min_time_s", 0.0))
         max_time_s = float(job.get("max_time_s", min_time_s))
+        reference = _reference_session(ort, job, threads, rng)
         steal = _steal_ticks()
-        samples = _time_runs(session, feeds, job["repeats"], min_time_s, max_time_s)
+        samples = _time_runs(session, feeds, job["repeats"], min_time_s, max_time_s, reference)
         result.update(status="ok", samples_ns=samples)
+        if reference is not None:
+            result.update(reference_ns=reference[2], reference_at=reference[3])
         after = _steal_ticks()
         if steal is not None and after is not None:
             result["steal_s"] = (after - steal) / os.sysconf("SC_CLK_TCK")

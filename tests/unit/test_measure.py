@@ -16,7 +16,7 @@ from edgecompress.errors import MeasureError, UsageError
 from edgecompress.measure import LAZY_MODES, Measurement, measure, mode_function
 from edgecompress.measure import cache as cache_module
 from edgecompress.measure.protocol import job_for, make_measurement, summarize
-from edgecompress.measure.runner import JobError, _time_runs, quiet_p50, validate_job
+from edgecompress.measure.runner import JobError, _time_runs, quiet_p50, referenced_figures, validate_job
 from edgecompress.profiles import load_profile, profile_from_dict, write_profile
 
 # Every test gets a private EDGECOMPRESS_HOME (the `home` fixture in tests/conftest.py).
@@ -237,6 +237,29 @@ def test_quiet_p50_leaves_out_disturbed_stretches() -> None:
     assert quiet_p50([2_000_000, 3_000_000]) == (2.5, 1.0)  # too few runs for blocks: plain median
 
 
+def test_the_speed_reference_cancels_a_machine_that_changes_speed() -> None:
+    """A 4 s window whose machine runs 1.3x slower for its second half (a neighbour on the
+    core, a lower clock): the model's quiet median lands on one level or the other, its
+    ratio to the reference timed between its runs does not move, in either order."""
+
+    def window(levels: list[float]) -> tuple[list[int], list[int], list[int]]:
+        model, ref, at = [], [], []
+        for level in levels:  # one second per level
+            for _ in range(25):  # 40 ms of model runs, then 10 ms of reference runs
+                model += [int(2_000_000 * level)] * int(40 / (2 * level))
+                ref += [int(500_000 * level)] * int(10 / (0.5 * level))
+                at += [len(model)] * int(10 / (0.5 * level))
+        return model, ref, at
+
+    slow_last, slow_first = window([1, 1, 1.3, 1.3]), window([1.3, 1.3, 1.3, 1])
+    assert summarize(slow_last[0]).quiet_p50 != pytest.approx(summarize(slow_first[0]).quiet_p50, rel=0.1)
+    for model, ref, at in (slow_last, slow_first):
+        ratio, ref_ms = referenced_figures(model, ref, at)
+        assert ratio == pytest.approx(4.0)
+        assert 0.5 <= ref_ms <= 0.65
+    assert referenced_figures([2_000_000] * 100, [500_000] * 2, [50, 100]) is None  # too few reference runs
+
+
 def test_time_runs_goes_on_only_while_the_window_is_unsteady() -> None:
     """A steady session stops at min_time_s; one whose latency moves between stretches is
     timed on to max_time_s. (A stand-in session with set run times: no real model can be
@@ -272,9 +295,31 @@ def test_min_time_keeps_timing_and_counts_the_runs(small_model: Path, tmp_path: 
     assert Measurement.from_dict(old).latency.pick("quiet_p50") == m.latency.p50
 
 
+def test_a_speed_referenced_figure_says_what_it_is(small_model: Path, tmp_path: Path, home: Path) -> None:
+    """statistic referenced_p50: the model's ratio to the reference CNN timed between its runs,
+    times the reference's usual ms here (the first windows' median, kept in the cache)."""
+    path = _profile(tmp_path, "ref", protocol={"min_time_s": 0.5, "statistic": "referenced_p50"})
+    first, second = (measure(small_model, path, use_cache=False) for _ in range(2))
+    record = json.loads((home / "cache" / "speed_reference.json").read_text())["records"]
+    (times,) = [r["reference_ms"] for r in record.values()]
+    assert len(times) == 2 and times == pytest.approx(
+        [first.latency.reference_ms, second.latency.reference_ms], abs=1e-4
+    )
+    for m in (first, second):
+        assert m.statistic == "referenced_p50" and m.latency_ms == m.latency.referenced_p50
+        assert 0 < m.latency.reference_ratio < 1  # the tiny model is faster than ResNet-8
+        assert m.latency_ms == pytest.approx(
+            m.latency.reference_ratio * float(np.median(times[: 1 + (m is second)]))
+        )
+        assert any(n.startswith("speed-referenced: the model ran") for n in m.notes), m.notes
+    # Without reference runs (an agent's figure, an older cache entry) it is the quiet median.
+    old = {**second.to_dict(), "latency": {**second.to_dict()["latency"], "referenced_p50": None}}
+    assert Measurement.from_dict(old).latency.chosen("referenced_p50") == "quiet_p50"
+
+
 @pytest.mark.parametrize("key, value", [("min_time_s", -1.0), ("min_time_s", 601.0), ("min_time_s", "2"),
                                         ("min_time_s", True), ("max_time_s", 601.0), ("max_time_s", "10"),
-                                        ("spare_core", 1)])  # fmt: skip
+                                        ("spare_core", 1), ("reference", 1)])  # fmt: skip
 def test_optional_job_keys_are_validated(key: str, value: object) -> None:
     job = job_for(load_profile("host"), [{"id": "m", "path": "m.onnx"}], memory_cap=False)
     with pytest.raises(JobError, match=key):
