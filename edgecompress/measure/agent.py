@@ -287,10 +287,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not text:
             raise _Reject(400, f"missing {JOB_HEADER} header (the job as JSON)")
         try:
-            job = json.loads(text)
-            return runner.validate_job(job)
+            job = runner.validate_job(json.loads(text))
         except (ValueError, runner.JobError) as err:
             raise _Reject(400, f"bad job: {err}") from None
+        if "reference" in job:  # a path on this board: the agent times only what it was sent
+            raise _Reject(400, "bad job: an agent takes no 'reference' (its figures are the board's own ms)")
+        return job
 
     def _measure(self) -> tuple[int, dict[str, Any]]:
         settings = self.server.settings

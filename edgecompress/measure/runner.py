@@ -621,6 +621,12 @@ def _measure_one(ort: Any, entry: dict[str, str], job: dict[str, Any], threads: 
             session.run(None, feeds)
         min_time_s = float(job.get("min_time_s", 0.0))
         max_time_s = float(job.get("max_time_s", min_time_s))
+        if job.get("reference"):
+            # The model's peak memory is what it took to load and run: taken before the
+            # speed reference's session exists (after at least one run).
+            for _ in range(job["warmup"], 1):
+                session.run(None, feeds)
+            result["peak_rss_kb"] = _peak_rss_kb()
         reference = _reference_session(ort, job, threads, rng)
         steal = _steal_ticks()
         samples = _time_runs(session, feeds, job["repeats"], min_time_s, max_time_s, reference)
@@ -686,7 +692,7 @@ def worker_main(job: dict[str, Any]) -> dict[str, Any]:
             _reset_peak_rss()
         before = _current_rss_kb() if len(job["models"]) > 1 and reset else baseline_kb
         one = _measure_one(ort, entry, job, threads)
-        one["peak_rss_mb"] = max(0, _peak_rss_kb() - before) / 1024
+        one["peak_rss_mb"] = max(0, (one.pop("peak_rss_kb", None) or _peak_rss_kb()) - before) / 1024
         results.append(one)
     if probe is not None:
         for uncap in _UNCAP:

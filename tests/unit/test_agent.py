@@ -128,6 +128,8 @@ def test_invalid_model_and_malformed_requests(agent) -> None:
     hostile = {**_job(), "repeats": 10**9}
     assert _request(url, "POST", "/measure", b"x", _auth(hostile))[0] == 400
     assert _request(url, "POST", "/measure", b"x", _auth({**_job(), "rm": "-rf"}))[0] == 400
+    status, body = _request(url, "POST", "/measure", b"x", _auth({**_job(), "reference": "/etc/passwd"}))
+    assert status == 400 and "no 'reference'" in body["error"]
     assert _request(url, "GET", "/../../etc/passwd")[0] == 404
     assert _request(url, "DELETE", "/measure")[0] == 501
     # No Content-Length, chunked, and a garbage request line, over raw sockets.

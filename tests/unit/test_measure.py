@@ -312,6 +312,12 @@ def test_a_speed_referenced_figure_says_what_it_is(small_model: Path, tmp_path: 
             m.latency.reference_ratio * float(np.median(times[: 1 + (m is second)]))
         )
         assert any(n.startswith("speed-referenced: the model ran") for n in m.notes), m.notes
+    # The reference's session is loaded before the worker's memory baseline: not the model's memory.
+    plain = measure(small_model, _profile(tmp_path), use_cache=False)
+    assert abs(first.peak_memory_mb - plain.peak_memory_mb) < 0.5, (
+        first.peak_memory_mb,
+        plain.peak_memory_mb,
+    )
     # Without reference runs (an agent's figure, an older cache entry) it is the quiet median.
     old = {**second.to_dict(), "latency": {**second.to_dict()["latency"], "referenced_p50": None}}
     assert Measurement.from_dict(old).latency.chosen("referenced_p50") == "quiet_p50"
