@@ -301,8 +301,8 @@ def _stretch_medians(samples_ns: Any) -> tuple[list[float], Any, Any, Any]:
         raise ValueError("no timed runs")
     values, medians, runs = [], [], []
     which = _span_of(ms, int(round(ms.sum() / (STRETCH_S * 1000))))
-    _kept, stretch_of = np.unique(which, return_inverse=True)
-    for part in _cut(ms, int(round(ms.sum() / (STRETCH_S * 1000)))):
+    spans, stretch_of = np.unique(which, return_inverse=True)  # the empty spans left out
+    for part in (ms[stretch_of == k] for k in range(len(spans))):
         count = int(min(part.size // MIN_BLOCK_RUNS, round(part.sum() / BLOCK_MS)))
         blocks = _cut(part, count) if count >= 2 else [part]
         block_medians = np.array([np.median(b) for b in blocks])
