@@ -41,6 +41,7 @@ from edgecompress.measure import measure  # noqa: E402
 from edgecompress.measure.calibrate import profile_device  # noqa: E402
 from edgecompress.measure.latency_table import explain_latency, load_table  # noqa: E402
 from edgecompress.measure.machine_state import USUAL_WINDOWS  # noqa: E402
+from edgecompress.measure.protocol import LEARNING  # noqa: E402
 from edgecompress.measure.reference import to_qdq  # noqa: E402
 from edgecompress.measure.runner import DRIFTING, STEADY_SPREAD  # noqa: E402
 from edgecompress.profiles import load_profile  # noqa: E402
@@ -141,7 +142,7 @@ def learn_usual_speed(models: list[tuple[str, str, Path]]) -> tuple[float, int]:
         for _name, _precision, path in models:
             m = measure(path, "host", use_cache=False)
             taken += 1
-            if not any("still being learned" in n for n in m.notes):
+            if not any(n.startswith(LEARNING) for n in m.notes):
                 return m.raw.referenced_p50 / m.raw.reference_ratio, taken
             if taken > 4 * USUAL_WINDOWS:
                 raise SystemExit("the host profile's figures are not speed-referenced: nothing to learn")

@@ -23,6 +23,8 @@ EXCEEDS_MEMORY = "exceeds the device's memory"
 # Steal time (percent of the timed window's core time) above which a figure carries a note.
 STOLEN = 2.0
 FALLBACK = {"referenced_p50": ("referenced_p50", "quiet_p50"), "quiet_p50": ("quiet_p50",)}
+# The note on a speed-referenced figure taken before the machine's usual speed is fixed.
+LEARNING = "this machine's usual speed is still being learned"
 
 
 @dataclass(frozen=True)
@@ -288,8 +290,7 @@ def _speed_referenced(raw: LatencyStats, mode: str, cores: int, notes: list[str]
     )
     if windows < USUAL_WINDOWS:
         notes.append(
-            f"this machine's usual speed is still being learned ({windows} of {USUAL_WINDOWS} "
-            "measurements): until then its figures can move with it"
+            f"{LEARNING} ({windows} of {USUAL_WINDOWS} measurements): until then its figures can move with it"
         )
     return dataclasses.replace(raw, referenced_p50=raw.reference_ratio * usual)
 

@@ -624,7 +624,7 @@ def _measure_one(ort: Any, entry: dict[str, str], job: dict[str, Any], threads: 
         if job.get("reference"):
             # The model's peak memory is what it took to load and run: taken before the
             # speed reference's session exists (after at least one run).
-            for _ in range(job["warmup"], 1):
+            if job["warmup"] == 0:
                 session.run(None, feeds)
             result["peak_rss_kb"] = _peak_rss_kb()
         reference = _reference_session(ort, job, threads, rng)
