@@ -36,13 +36,13 @@ def _emulated_on_host(
     from edgecompress.measure.runner import WorkerFailed, run_job
 
     job = job_for(
-        profile, [{"id": "model", "path": str(path.resolve())}], memory_cap=True, emulated=True, probe=True
+        profile,
+        [{"id": "model", "path": str(path.resolve())}],
+        memory_cap=True,
+        emulated=True,
+        probe=True,
+        speed_reference=True,
     )
-    if profile.protocol.statistic == "referenced_p50":
-        from edgecompress.measure.reference import speed_reference
-        from edgecompress.profiles import home_dir
-
-        job["reference"] = str(speed_reference(home_dir() / "cache"))
     try:
         worker = run_job(job, profile.measure.timeout_s)
     except WorkerFailed as err:

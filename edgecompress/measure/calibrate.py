@@ -33,7 +33,7 @@ from edgecompress.measure.latency_table import (
     table_sum,
 )
 from edgecompress.measure.layers import LayerKey
-from edgecompress.measure.protocol import job_for, summarize
+from edgecompress.measure.protocol import job_for, model_stats
 from edgecompress.measure.reference import (
     PROFILER_PROBE,
     STREAM_PROBE_LAYERS,
@@ -69,11 +69,11 @@ class ReferenceTiming:
     name: str
     family: str
     precision: str
-    # quiet_p50 of the end-to-end runs, in table units (device ms on a board, host ms when
-    # emulated): on a shared machine stretches slowed by other work inflate the plain p50,
-    # and the table's rows (fastest per-kernel times) do not see them either.
+    # The end-to-end figure `measure` gives, in table units (device ms on a board, host ms
+    # when emulated), and which statistic it is (see end_to_end).
     ms: float
     host_ms: float | None = None
+    statistic: str = "quiet_p50"
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,12 @@ class _Timer:
         local: bool = False,
     ) -> tuple[dict[str, dict], dict[str, Any]]:
         """Time `files`; with `repeats` given, exactly that many runs each (no minimum
-        time: the single-layer graphs are thousands), else the profile's protocol."""
+        time: the single-layer graphs are thousands), else the profile's protocol, with
+        the speed reference between the runs where they are timed on this host."""
         from edgecompress.measure.runner import WorkerFailed, run_job
 
         models = [{"id": i, "path": str(p)} for i, p in files]
+        here = self.client is None or local
         job = job_for(
             self.profile,
             models,
@@ -123,11 +125,12 @@ class _Timer:
             node_times=node_times,
             repeats=repeats,
             min_time_s=None if repeats is None else 0.0,
-            emulated=self.client is None or local,
+            emulated=here,
+            speed_reference=here and repeats is None,
         )
         # The profile's timeout is per model; a batch gets one per ten models.
         timeout = self.profile.measure.timeout_s * max(1.0, len(files) / 10)
-        if self.client is not None and not local:
+        if not here:
             result = self.client.measure_files(list(files), job, timeout_s=timeout)
         else:
             try:
@@ -136,6 +139,17 @@ class _Timer:
                 raise MeasureError(f"timing the reference suite failed: {err}") from None
         by_id = {r["id"]: r for r in result.get("results", [])}
         return by_id, result
+
+
+def end_to_end(result: dict[str, Any], info: dict[str, Any], mode: str) -> tuple[float, str]:
+    """A model's end-to-end ms as `measure` gives it, and the statistic: speed-referenced where the speed
+    reference ran between its runs (so a slow stretch of this host while profiling does
+    not slow the whole table), else the median over the quiet stretches of its window
+    (stretches slowed by other work would inflate the plain p50, and the table's rows,
+    fastest per-kernel times, do not see them either)."""
+    stats = model_stats(result, mode, int(info.get("cores_used", 1)), [])
+    statistic = stats.chosen("referenced_p50")
+    return stats.pick(statistic), statistic
 
 
 def _precisions(profile: DeviceProfile) -> list[tuple[str, str]]:
@@ -197,8 +211,8 @@ def time_references(
     *,
     on_host_too: bool,
 ) -> list[ReferenceTiming]:
-    """End-to-end time of each reference CNN (and on this host, for the ratio): the
-    median over the quiet stretches of the profile's timing window."""
+    """End-to-end time of each reference CNN (and on this host, for the ratio), as
+    end_to_end gives it over the profile's timing window."""
     import onnx
 
     files = []
@@ -207,11 +221,12 @@ def time_references(
         onnx.save(model, str(path))
         files.append((name, path))
     progress("timing reference models", 0.0)
-    by_id, _ = timer.run(files, node_times=False, repeats=None)
-    host = {}
+    by_id, info = timer.run(files, node_times=False, repeats=None)
+    host, host_info = {}, {}
     if on_host_too:
-        host, _ = timer.run(files, node_times=False, repeats=None, local=True)
+        host, host_info = timer.run(files, node_times=False, repeats=None, local=True)
     progress("timing reference models", 1.0)
+    mode = "emulated-on-host" if timer.client is None else "measured-on-device"
     timings = []
     for name, fam, precision, _model in references:
         result = by_id.get(name, {})
@@ -219,9 +234,9 @@ def time_references(
             raise MeasureError(f"reference model {name} failed: {result.get('message')}")
         host_ms = None
         if name in host and host[name].get("status") == "ok":
-            host_ms = summarize(host[name]["samples_ns"]).quiet_p50
-        device_ms = summarize(result["samples_ns"]).quiet_p50
-        timings.append(ReferenceTiming(name, fam, precision, device_ms, host_ms))
+            host_ms, _ = end_to_end(host[name], host_info, "emulated-on-host")
+        device_ms, statistic = end_to_end(result, info, mode)
+        timings.append(ReferenceTiming(name, fam, precision, device_ms, host_ms, statistic))
     return timings
 
 
@@ -246,13 +261,14 @@ def time_streaming(
     progress("timing weight streaming", 0.0)
     # The profile's whole protocol (not a few repeats): the points are differences of
     # end-to-end times, so a stretch slowed by other work would bend the whole curve.
-    by_id, _ = timer.run(files, node_times=False, repeats=STREAM_REPEATS if quick else None)
+    by_id, info = timer.run(files, node_times=False, repeats=STREAM_REPEATS if quick else None)
+    mode = "emulated-on-host" if timer.client is None else "measured-on-device"
     progress("timing weight streaming", 1.0)
     times = {}
     for depth in depths:
         result = by_id.get(str(depth), {})
         if result.get("status") == "ok":
-            times[depth] = summarize(result["samples_ns"]).quiet_p50
+            times[depth], _ = end_to_end(result, info, mode)
     if 1 not in times or 2 not in times:
         return ()
     hot = max(times[2] - times[1], 1e-6)

@@ -241,13 +241,16 @@ def job_for(
     min_time_s: float | None = None,
     emulated: bool = False,
     probe: bool = False,
+    speed_reference: bool = False,
 ) -> dict:
     """The worker job that runs models with a profile's cores, threads and protocol.
 
     `repeats` and `min_time_s` override the profile's protocol (the per-layer table
     times thousands of tiny graphs and cannot spend seconds on each). `emulated` jobs run
     on this host and leave one of its cores free (runner's spare_core). `probe` times the
-    machine-state probe around the model (one-model jobs of `measure`)."""
+    machine-state probe around the model (one-model jobs of `measure`). `speed_reference`
+    times the speed reference between the model's runs where the profile's statistic is
+    referenced_p50 (never through an agent: the board has no usual speed to refer to)."""
     job = {
         "models": models,
         "cores": profile.cpu.cores,
@@ -271,7 +274,19 @@ def job_for(
         job["max_time_s"] = profile.protocol.max_time_s
     if probe:  # only when asked, so an agent from before the probe still takes other jobs
         job["probe"] = True
+    if speed_reference and profile.protocol.statistic == "referenced_p50":
+        from edgecompress.measure.reference import speed_reference as reference_file
+        from edgecompress.profiles import home_dir
+
+        job["reference"] = str(reference_file(home_dir() / "cache"))
     return job
+
+
+def model_stats(one: dict[str, Any], mode: str, cores: int, notes: list[str]) -> LatencyStats:
+    """A worker's timed runs of one model as statistics, speed-referenced where the
+    speed reference ran between them (notes gain what that says)."""
+    reference = (one["reference_ns"], one["reference_at"]) if "reference_ns" in one else None
+    return _speed_referenced(summarize(one["samples_ns"], reference), mode, cores, notes)
 
 
 def _speed_referenced(raw: LatencyStats, mode: str, cores: int, notes: list[str]) -> LatencyStats:
@@ -322,9 +337,7 @@ def make_measurement(
     raw = latency = steal_percent = None
     peak = one.get("peak_rss_mb")
     if status == "ok":
-        reference = (one["reference_ns"], one["reference_at"]) if "reference_ns" in one else None
-        raw = summarize(one["samples_ns"], reference)
-        raw = _speed_referenced(raw, mode, int(worker.get("cores_used", 1)), notes)
+        raw = model_stats(one, mode, int(worker.get("cores_used", 1)), notes)
         latency = raw.scaled(latency_scale)
         steal = one.get("steal_s")
         if steal is not None and raw.window_s:

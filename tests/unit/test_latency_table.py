@@ -243,6 +243,9 @@ def test_profile_on_host_writes_a_measured_copy_and_a_table(tmp_path: Path) -> N
     assert all(ms > 0 for key, ms in table.rows if key.op in ("Conv", "Gemm"))
     assert 0 < table.profiler_overhead_us < 50
     assert "timing single layers" in stages
+    # Timed on this host, the reference CNNs are figured as `measure` figures them: against
+    # the speed reference, so a slow stretch while profiling does not slow the whole table.
+    assert {t.statistic for t in result.references} == {"referenced_p50"}
     unseen = resnet((16, 32, 48), 2, seed=3)
     assert predict_latency(unseen, table) > 0
 
@@ -273,4 +276,6 @@ def test_profile_through_an_agent_measures_the_calibration(tmp_path: Path) -> No
     assert calibration.latency_scale > 0
     assert result.table.latency_scale == 1.0 and result.table.calibration == "none"
     assert all(t.host_ms for t in result.references)
+    # The board has no usual speed to refer to: its figures are quiet medians.
+    assert {t.statistic for t in result.references} == {"quiet_p50"}
     assert load_profile(tmp_path / "satellite-board.yaml").calibration.source == "measured"
