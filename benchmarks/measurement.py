@@ -356,8 +356,9 @@ def main() -> None:
                 [
                     f"- Speed reference (a ResNet-8 timed between the model's runs; the figure is the "
                     f"model's ratio to it times its usual ms here): usual {usual[0]:.3f} ms, the median of "
-                    f"its first {USUAL_WINDOWS} timed windows on this machine ({usual[1]} measurements, "
-                    "retries included), taken before these runs. In the runs' "
+                    f"its first {USUAL_WINDOWS} timed windows on this machine, taken before these runs "
+                    f"({'while profiling the host and ' if not args.table else ''}in {usual[1]} "
+                    "measurements, retries included). In the runs' "
                     f"windows it took {min(results['host']['reference']):.3f}-"
                     f"{max(results['host']['reference']):.3f} ms (CV "
                     f"{100 * cv(results['host']['reference']):.1f}%): how much the machine's speed moved."

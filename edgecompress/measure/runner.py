@@ -85,7 +85,9 @@ PROBE_REPEATS = 10
 # both see the same machine. A shared core's speed moves for minutes at a time (its
 # clock, a neighbour on its hyperthread sibling, the shared cache): the model's ms over
 # the reference's ms stays where the ms themselves do not.
-REFERENCE_VERSION = 1  # reference.speed_reference(); a change resets each machine's usual ms
+# reference.speed_reference() and how its ms are taken (referenced_figures); a change
+# resets each machine's usual ms. 2: only its undisturbed bursts count.
+REFERENCE_VERSION = 2
 MODEL_SPAN_MS = 40.0
 REFERENCE_MS = 10.0
 MIN_REFERENCE_RUNS = 3  # per stretch, for its ratio to count
@@ -254,19 +256,29 @@ def window_spread(samples_ns: Any) -> float:
 def referenced_figures(samples_ns: Any, reference_ns: Any, reference_at: Any) -> tuple[float, float] | None:
     """(the model's ms over the speed reference's ms, the reference's ms) over a window in
     which the reference ran between the model's runs (`reference_at`: how many model runs
-    came before each reference run). Each half-second stretch gives its undisturbed model
-    median over the median of the reference runs inside it; the figure is the median of
-    those ratios, so a stretch in which the machine ran slower or faster counts like any
-    other. None where no stretch held MIN_REFERENCE_RUNS reference runs."""
+    came before each reference run; a burst's runs share it). Each half-second stretch
+    gives its undisturbed model median over its undisturbed reference median: the same
+    rule for both, the reference's bursts standing for the model's blocks (those within
+    QUIET_TOLERANCE of the stretch's fastest). Counting every reference run instead made
+    the reference slower than the model in a stretch that a burst of other work hit, and
+    the figure then low by up to 12%. The figure is the median of those ratios, so a
+    stretch in which the machine ran slower or faster counts like any other. None where
+    no stretch held MIN_REFERENCE_RUNS undisturbed reference runs."""
     import numpy as np
 
     values, _medians, _runs, stretch_of = _stretch_medians(samples_ns)
     ref_ms = np.asarray(reference_ns, dtype=np.float64) / 1e6
-    after = np.clip(np.asarray(reference_at, dtype=np.int64) - 1, 0, len(stretch_of) - 1)
-    ref_stretch = stretch_of[after]
+    at = np.asarray(reference_at, dtype=np.int64)
+    ref_stretch = stretch_of[np.clip(at - 1, 0, len(stretch_of) - 1)]
     ratios, refs = [], []
     for k, value in enumerate(values):
-        mine = ref_ms[ref_stretch == k]
+        mine, bursts = ref_ms[ref_stretch == k], at[ref_stretch == k]
+        if mine.size == 0:
+            continue
+        starts = np.unique(bursts)
+        burst_medians = np.array([np.median(mine[bursts == b]) for b in starts])
+        quiet = starts[burst_medians <= burst_medians.min() * (1 + QUIET_TOLERANCE)]
+        mine = mine[np.isin(bursts, quiet)]
         if mine.size >= MIN_REFERENCE_RUNS:
             ratios.append(value / float(np.median(mine)))
             refs.append(float(np.median(mine)))

@@ -260,6 +260,21 @@ def test_the_speed_reference_cancels_a_machine_that_changes_speed() -> None:
     assert referenced_figures([2_000_000] * 100, [500_000] * 2, [50, 100]) is None  # too few reference runs
 
 
+def test_a_burst_of_other_work_on_the_reference_does_not_move_the_ratio() -> None:
+    """Other work slows 3 of every 10 of the model's 40 ms spans and 6 of every 10 of the
+    reference's 10 ms bursts 1.4x: each keeps its undisturbed runs by the same rule, so
+    the ratio stays the machine's own (a median over all reference runs gave 2.9, not 4)."""
+    model, ref, at = [], [], []
+    for cycle in range(80):  # 4 s of 40 ms of model runs, then 10 ms of reference runs
+        slow_model = 1.4 if cycle % 10 in (2, 5, 8) else 1.0
+        slow_ref = 1.4 if cycle % 10 in (0, 1, 3, 4, 6, 9) else 1.0
+        model += [int(2_000_000 * slow_model)] * int(40 / (2 * slow_model))
+        ref += [int(500_000 * slow_ref)] * int(10 / (0.5 * slow_ref))
+        at += [len(model)] * int(10 / (0.5 * slow_ref))
+    ratio, ref_ms = referenced_figures(model, ref, at)
+    assert ratio == pytest.approx(4.0) and ref_ms == pytest.approx(0.5)
+
+
 def test_time_runs_goes_on_only_while_the_window_is_unsteady() -> None:
     """A steady session stops at min_time_s; one whose latency moves between stretches is
     timed on to max_time_s. (A stand-in session with set run times: no real model can be
