@@ -103,6 +103,10 @@ class _Timer:
 
             self.client = AgentClient(remote, token)
 
+    @property
+    def mode(self) -> str:
+        return "emulated-on-host" if self.client is None else "measured-on-device"
+
     def run(
         self,
         files: Sequence[tuple[str, Path]],
@@ -142,11 +146,11 @@ class _Timer:
 
 
 def end_to_end(result: dict[str, Any], info: dict[str, Any], mode: str) -> tuple[float, str]:
-    """A model's end-to-end ms as `measure` gives it, and the statistic: speed-referenced where the speed
-    reference ran between its runs (so a slow stretch of this host while profiling does
-    not slow the whole table), else the median over the quiet stretches of its window
-    (stretches slowed by other work would inflate the plain p50, and the table's rows,
-    fastest per-kernel times, do not see them either)."""
+    """A model's end-to-end ms as `measure` gives it, and which statistic that is:
+    speed-referenced where the speed reference ran between its runs (so a slow stretch of
+    this host while profiling does not slow the whole table), else the median over the
+    quiet stretches of its window (stretches slowed by other work would inflate the plain
+    p50, and the table's rows, fastest per-kernel times, do not see them either)."""
     stats = model_stats(result, mode, int(info.get("cores_used", 1)), [])
     statistic = stats.chosen("referenced_p50")
     return stats.pick(statistic), statistic
@@ -226,7 +230,6 @@ def time_references(
     if on_host_too:
         host, host_info = timer.run(files, node_times=False, repeats=None, local=True)
     progress("timing reference models", 1.0)
-    mode = "emulated-on-host" if timer.client is None else "measured-on-device"
     timings = []
     for name, fam, precision, _model in references:
         result = by_id.get(name, {})
@@ -235,7 +238,7 @@ def time_references(
         host_ms = None
         if name in host and host[name].get("status") == "ok":
             host_ms, _ = end_to_end(host[name], host_info, "emulated-on-host")
-        device_ms, statistic = end_to_end(result, info, mode)
+        device_ms, statistic = end_to_end(result, info, timer.mode)
         timings.append(ReferenceTiming(name, fam, precision, device_ms, host_ms, statistic))
     return timings
 
@@ -262,13 +265,12 @@ def time_streaming(
     # The profile's whole protocol (not a few repeats): the points are differences of
     # end-to-end times, so a stretch slowed by other work would bend the whole curve.
     by_id, info = timer.run(files, node_times=False, repeats=STREAM_REPEATS if quick else None)
-    mode = "emulated-on-host" if timer.client is None else "measured-on-device"
     progress("timing weight streaming", 1.0)
     times = {}
     for depth in depths:
         result = by_id.get(str(depth), {})
         if result.get("status") == "ok":
-            times[depth], _ = end_to_end(result, info, mode)
+            times[depth], _ = end_to_end(result, info, timer.mode)
     if 1 not in times or 2 not in times:
         return ()
     hot = max(times[2] - times[1], 1e-6)
@@ -357,8 +359,8 @@ def profile_device(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"cannot create {folder}: {err.strerror}; choose another --out") from None
-    mode = "measured-on-device" if remote is not None else "emulated-on-host"
     timer = _Timer(profile, remote, token)
+    mode = timer.mode
     keys = layer_keys(profile.kernels.channel_multiple, _precisions(profile), quick=quick)
     progress("building reference models", None)
     references = build_references(profile, quick)

@@ -261,7 +261,7 @@ def referenced_figures(samples_ns: Any, reference_ns: Any, reference_at: Any) ->
     rule for both, the reference's bursts standing for the model's blocks (those within
     QUIET_TOLERANCE of the stretch's fastest). Counting every reference run instead made
     the reference slower than the model in a stretch that a burst of other work hit, and
-    the figure then low by up to 12%. The figure is the median of those ratios, so a
+    the figure then low by 9-13%. The figure is the median of those ratios, so a
     stretch in which the machine ran slower or faster counts like any other. None where
     no stretch held MIN_REFERENCE_RUNS undisturbed reference runs."""
     import numpy as np
