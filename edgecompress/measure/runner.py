@@ -280,8 +280,8 @@ def referenced_figures(samples_ns: Any, reference_ns: Any, reference_at: Any) ->
         quiet = starts[burst_medians <= burst_medians.min() * (1 + QUIET_TOLERANCE)]
         mine = mine[np.isin(bursts, quiet)]
         if mine.size >= MIN_REFERENCE_RUNS:
-            ratios.append(value / float(np.median(mine)))
             refs.append(float(np.median(mine)))
+            ratios.append(value / refs[-1])
     if not ratios:
         return None
     return float(np.median(ratios)), float(np.median(refs))
