@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -102,7 +103,7 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
     drift: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     window: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     steal: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
-    reference: list[float] = []  # the speed reference's ms in each run's window
+    reference: dict[str, list[float]] = {}  # the speed reference's ms in each run's window, by precision
     last = {}
     for run in range(runs):
         for name, precision, path in models:
@@ -116,7 +117,7 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
             window[(name, precision)].append(m.latency.window_s)
             steal[(name, precision)].append(m.steal_percent or 0.0)
             if m.raw is not None and m.raw.reference_ms is not None:
-                reference.append(m.raw.reference_ms)
+                reference.setdefault(precision, []).append(m.raw.reference_ms)
             last[(name, precision)] = m
         print(f"{device}: run {run + 1}/{runs} done (load {_load()})", flush=True)
     return {
@@ -133,19 +134,31 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
     }
 
 
-def learn_usual_speed(models: list[tuple[str, str, Path]]) -> tuple[float, int]:
-    """Measure the models in turn on host until the speed reference's usual ms on this
-    machine is fixed (machine_state.USUAL_WINDOWS windows), as it is on any machine after
-    its first measurements; (that usual ms, the measurements it took)."""
+def learn_usual_speed(models: list[tuple[str, str, Path]]) -> tuple[dict[str, float], int]:
+    """Measure the models in turn on host until the speed references' usual ms on this
+    machine are fixed (machine_state.USUAL_WINDOWS windows each: the fp32 reference and,
+    for int8 models, the int8 one), as they are on any machine after its first
+    measurements; (usual ms by model precision, the measurements it took)."""
     taken = 0
     while True:
-        for _name, _precision, path in models:
+        usual, learning = {}, False
+        for _name, precision, path in models:
             m = measure(path, "host", use_cache=False)
             taken += 1
-            if not any(n.startswith(LEARNING) for n in m.notes):
-                return m.raw.referenced_p50 / m.raw.reference_ratio, taken
-            if taken > 4 * USUAL_WINDOWS:
+            learning |= any(n.startswith(LEARNING) for n in m.notes)
+            if m.raw.reference_ratio is None:
                 raise SystemExit("the host profile's figures are not speed-referenced: nothing to learn")
+            usual[precision] = m.raw.referenced_p50 / m.raw.reference_ratio
+        if not learning:
+            return usual, taken
+
+
+def _by_precision(values: dict[str, Any], form: str) -> str:
+    """ "fp32 1.234 ms, int8 0.567 ms" from {precision: value} and a format for one value."""
+    return ", ".join(
+        f"{precision} {form.format(*v) if isinstance(v, tuple) else form.format(v)}"
+        for precision, v in sorted(values.items())
+    )
 
 
 def previous_runs() -> list[dict]:
@@ -354,14 +367,17 @@ def main() -> None:
             "the hypervisor gave the core to other work.",
             *(
                 [
-                    f"- Speed reference (a ResNet-8 timed between the model's runs; the figure is the "
-                    f"model's ratio to it times its usual ms here): usual {usual[0]:.3f} ms, the median of "
+                    "- Speed reference (a ResNet-8 timed between the model's runs, in fp32 for fp32 "
+                    "models and in int8 QDQ for int8 ones; the figure is the model's ratio to it times "
+                    f"its usual ms here): usual {_by_precision(usual[0], '{:.3f} ms')}, the median of "
                     f"its first {USUAL_WINDOWS} timed windows on this machine, taken before these runs "
                     f"({'while profiling the host and ' if not args.table else ''}in {usual[1]} "
-                    "measurements, retries included). In the runs' "
-                    f"windows it took {min(results['host']['reference']):.3f}-"
-                    f"{max(results['host']['reference']):.3f} ms (CV "
-                    f"{100 * cv(results['host']['reference']):.1f}%): how much the machine's speed moved."
+                    "measurements, retries included). In the runs' windows it took "
+                    + _by_precision(
+                        {k: (min(v), max(v), 100 * cv(v)) for k, v in results["host"]["reference"].items()},
+                        "{0:.3f}-{1:.3f} ms (CV {2:.1f}%)",
+                    )
+                    + ": how much the machine's speed moved."
                 ]
                 if usual
                 else []

@@ -290,7 +290,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             job = runner.validate_job(json.loads(text))
         except (ValueError, runner.JobError) as err:
             raise _Reject(400, f"bad job: {err}") from None
-        if "reference" in job:  # a path on this board: the agent times only what it was sent
+        # A reference is a path on this board: the agent times only what it was sent.
+        if any("reference" in entry for entry in job["models"]):
             raise _Reject(400, "bad job: an agent takes no 'reference' (its figures are the board's own ms)")
         return job
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from edgecompress.measure.protocol import Measurement
-from edgecompress.measure.runner import PROBE_VERSION
+from edgecompress.measure.runner import PROBE_VERSION, REFERENCE_VERSION
 from edgecompress.profiles import DeviceProfile, home_dir
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ def cache_key(sha256: str, profile: DeviceProfile, mode: str, runtime: str) -> s
         "runtime": runtime,
         # Records from before the machine-state probe (or another probe) carry no label.
         "machine_probe": PROBE_VERSION,
+        # A speed-referenced figure depends on which reference it was taken against.
+        "speed_reference": REFERENCE_VERSION,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

@@ -275,31 +275,53 @@ def job_for(
     if probe:  # only when asked, so an agent from before the probe still takes other jobs
         job["probe"] = True
     if speed_reference and profile.protocol.statistic == "referenced_p50":
-        from edgecompress.measure.reference import speed_reference as reference_file
-        from edgecompress.profiles import home_dir
-
-        job["reference"] = str(reference_file(home_dir() / "cache"))
+        job["models"] = [{**entry, "reference": _reference_for(entry["path"])} for entry in models]
     return job
+
+
+def _reference_for(path: str) -> str:
+    """The speed reference to time between a model's runs: the int8 form, with the
+    model's activation type, where int8 kernels do most of its work (they slow by another
+    factor than fp32 ones when the core is shared), else fp32. A file that cannot be read
+    gets the fp32 one; the worker then says what is wrong with it."""
+    from edgecompress.measure.layers import main_precision
+    from edgecompress.measure.reference import speed_reference as reference_file
+    from edgecompress.profiles import home_dir
+
+    try:
+        precision = main_precision(Path(path))
+    except (MeasureError, OSError, ValueError):
+        precision = "fp32"
+    activations = precision if precision in ("uint8", "int8") else "fp32"
+    return str(reference_file(home_dir() / "cache", activations))
 
 
 def model_stats(one: dict[str, Any], mode: str, cores: int, notes: list[str]) -> LatencyStats:
     """A worker's timed runs of one model as statistics, speed-referenced where the
     speed reference ran between them (notes gain what that says)."""
-    reference = (one["reference_ns"], one["reference_at"]) if "reference_ns" in one else None
-    return _speed_referenced(summarize(one["samples_ns"], reference), mode, cores, notes)
+    if "reference_ns" not in one:
+        return summarize(one["samples_ns"])
+    raw = summarize(one["samples_ns"], (one["reference_ns"], one["reference_at"]))
+    return _speed_referenced(raw, str(one.get("reference", "")), mode, cores, notes)
 
 
-def _speed_referenced(raw: LatencyStats, mode: str, cores: int, notes: list[str]) -> LatencyStats:
-    """`raw` with referenced_p50 (its ratio to the speed reference times the reference's
-    usual ms on this machine) and a note saying so; as it is without reference runs."""
+def _speed_referenced(
+    raw: LatencyStats, reference: str, mode: str, cores: int, notes: list[str]
+) -> LatencyStats:
+    """`raw` with referenced_p50 (its ratio to the speed reference, the file named
+    `reference`, times that reference's usual ms on this machine) and a note saying so;
+    as it is where no stretch held enough reference runs."""
     if raw.reference_ratio is None or raw.reference_ms is None:
         return raw
     from edgecompress.measure.machine_state import USUAL_WINDOWS, machine_key, usual_reference
+    from edgecompress.measure.reference import reference_precision
 
-    usual, windows = usual_reference(f"{machine_key(mode, None, cores)} | reference v{REFERENCE_VERSION}",
-                                     raw.reference_ms)  # fmt: skip
+    precision = reference_precision(reference)
+    kind = "fp32" if precision == "fp32" else f"int8 ({precision} activations)"
+    key = f"{machine_key(mode, None, cores)} | {kind} reference v{REFERENCE_VERSION}"
+    usual, windows = usual_reference(key, raw.reference_ms)
     notes.append(
-        f"speed-referenced: the model ran {raw.reference_ratio:.3f}x as long as a fixed reference "
+        f"speed-referenced: the model ran {raw.reference_ratio:.3f}x as long as a fixed {kind} reference "
         f"CNN timed between its runs, which took {raw.reference_ms:.3f} ms here now and "
         f"{usual:.3f} ms as usual on this machine"
     )

@@ -171,19 +171,31 @@ def resnet(widths: tuple[int, int, int], blocks: int, seed: int = 0) -> Any:
     return g.model(g.gemm(g.flatten(g.global_pool(x)), 10))
 
 
-def speed_reference(folder: Path) -> Path:
+def speed_reference(folder: Path, activations: str = "fp32") -> Path:
     """The speed reference's file in `folder`, written once: ResNet-8 at widths 16/32/64
-    (0.3 MB, about 1 ms on a server core), a fixed workload timed between a model's runs
-    (runner.REFERENCE_VERSION names this graph: bump it when it changes)."""
+    (0.3 MB, about 1 ms on a server core), a fixed workload timed between a model's runs;
+    in fp32, or in int8 QDQ with `activations` (uint8 or int8) for a model whose work runs
+    in int8 kernels, which a busy core slows by another factor than fp32 ones
+    (runner.REFERENCE_VERSION names these graphs: bump it when they change)."""
     from edgecompress.measure.runner import REFERENCE_VERSION
 
-    path = folder / f"speed-reference-v{REFERENCE_VERSION}.onnx"
+    suffix = "" if activations == "fp32" else f"-{activations}"
+    path = folder / f"speed-reference-v{REFERENCE_VERSION}{suffix}.onnx"
     if not path.is_file():
+        model = resnet((16, 32, 64), 1, seed=0)
+        if activations != "fp32":
+            model = to_qdq(model, activations)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
-            f.write(resnet((16, 32, 64), 1, seed=0).SerializeToString())
+            f.write(model.SerializeToString())
         Path(f.name).replace(path)
     return path
+
+
+def reference_precision(name: str) -> str:
+    """Which form of the speed reference the file `name` holds: fp32, uint8 or int8."""
+    stem = Path(name).stem
+    return stem.rsplit("-", 1)[1] if stem.endswith(("-uint8", "-int8")) else "fp32"
 
 
 def vgg(widths: tuple[int, ...], convs: int = 2, seed: int = 0) -> Any:

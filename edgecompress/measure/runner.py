@@ -47,7 +47,6 @@ OPTIONAL_KEYS = {
     "max_time_s": (int, float),
     "spare_core": bool,
     "probe": bool,
-    "reference": str,
 }
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
@@ -80,14 +79,15 @@ PROBE_MB = 32
 PROBE_N = 128
 PROBE_MATMULS = 50
 PROBE_REPEATS = 10
-# The speed reference (job key "reference": a fixed small CNN's path): timed for about
+# The speed reference (a model entry's "reference": a fixed small CNN's path): timed for about
 # REFERENCE_MS after every MODEL_SPAN_MS of the model's runs, in the same window, so
 # both see the same machine. A shared core's speed moves for minutes at a time (its
 # clock, a neighbour on its hyperthread sibling, the shared cache): the model's ms over
 # the reference's ms stays where the ms themselves do not.
 # reference.speed_reference() and how its ms are taken (referenced_figures); a change
-# resets each machine's usual ms. 2: only its undisturbed bursts count.
-REFERENCE_VERSION = 2
+# resets each machine's usual ms. 2: only its undisturbed bursts count. 3: a model
+# whose work runs mostly in int8 kernels is timed against the int8 form of the reference.
+REFERENCE_VERSION = 3
 MODEL_SPAN_MS = 40.0
 REFERENCE_MS = 10.0
 MIN_REFERENCE_RUNS = 3  # per stretch, for its ratio to count
@@ -144,10 +144,10 @@ def validate_job(job: Any) -> dict[str, Any]:
     if not 1 <= len(models) <= MAX_MODELS:
         raise JobError(f"a job holds 1 to {MAX_MODELS} models")
     for entry in models:
-        if not isinstance(entry, dict) or set(entry) != {"id", "path"}:
-            raise JobError("each model is an object with exactly 'id' and 'path'")
-        if not all(isinstance(entry[k], str) for k in ("id", "path")):
-            raise JobError("model 'id' and 'path' must be strings")
+        if not isinstance(entry, dict) or not {"id", "path"} <= set(entry) <= {"id", "path", "reference"}:
+            raise JobError("each model is an object with 'id' and 'path' (and optionally 'reference')")
+        if not all(isinstance(value, str) for value in entry.values()):
+            raise JobError("model 'id', 'path' and 'reference' must be strings")
     return job
 
 
@@ -597,14 +597,10 @@ def _node_times(profile_path: str, skip: int) -> list[list]:
     return times
 
 
-def _reference_session(ort: Any, job: dict[str, Any], threads: int, rng: Any) -> tuple | None:
-    """The speed reference's session, warmed up, with its two empty record lists; None
-    when the job names no reference."""
-    if not job.get("reference"):
-        return None
-    session = ort.InferenceSession(
-        job["reference"], _session_options(ort, job, threads), providers=["CPUExecutionProvider"]
-    )
+def _reference_session(ort: Any, path: str, job: dict[str, Any], threads: int, rng: Any) -> tuple:
+    """The speed reference's session from `path`, warmed up, with its two empty record lists."""
+    options = _session_options(ort, job, threads)
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feeds = _inputs(session, rng)
     for _ in range(max(3, job["warmup"] // 2)):
         session.run(None, feeds)
@@ -633,13 +629,15 @@ def _measure_one(ort: Any, entry: dict[str, str], job: dict[str, Any], threads: 
             session.run(None, feeds)
         min_time_s = float(job.get("min_time_s", 0.0))
         max_time_s = float(job.get("max_time_s", min_time_s))
-        if job.get("reference"):
+        reference = None
+        if entry.get("reference"):
             # The model's peak memory is what it took to load and run: taken before the
             # speed reference's session exists (after at least one run).
             if job["warmup"] == 0:
                 session.run(None, feeds)
             result["peak_rss_kb"] = _peak_rss_kb()
-        reference = _reference_session(ort, job, threads, rng)
+            reference = _reference_session(ort, entry["reference"], job, threads, rng)
+            result["reference"] = os.path.basename(entry["reference"])
         steal = _steal_ticks()
         samples = _time_runs(session, feeds, job["repeats"], min_time_s, max_time_s, reference)
         result.update(status="ok", samples_ns=samples)

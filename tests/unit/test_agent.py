@@ -130,7 +130,9 @@ def test_invalid_model_and_malformed_requests(agent) -> None:
     hostile = {**_job(), "repeats": 10**9}
     assert _request(url, "POST", "/measure", b"x", _auth(hostile))[0] == 400
     assert _request(url, "POST", "/measure", b"x", _auth({**_job(), "rm": "-rf"}))[0] == 400
-    status, body = _request(url, "POST", "/measure", b"x", _auth({**_job(), "reference": "/etc/passwd"}))
+    job = _job()
+    job["models"] = [{**job["models"][0], "reference": "/etc/passwd"}]
+    status, body = _request(url, "POST", "/measure", b"x", _auth(job))
     assert status == 400 and "no 'reference'" in body["error"]
     assert _request(url, "GET", "/../../etc/passwd")[0] == 404
     assert _request(url, "DELETE", "/measure")[0] == 501

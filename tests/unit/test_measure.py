@@ -340,19 +340,58 @@ def test_a_speed_referenced_figure_says_what_it_is(small_model: Path, tmp_path: 
     assert Measurement.from_dict(old).latency.chosen("referenced_p50") == "quiet_p50"
 
 
+def test_an_int8_model_is_referenced_against_the_int8_reference(
+    small_model: Path, tmp_path: Path, home: Path
+) -> None:
+    """A model whose work runs in int8 kernels is timed against the int8 form of the speed
+    reference (a busy core slows int8 kernels by another factor than fp32 ones), whose
+    usual ms this machine learns apart from the fp32 one's."""
+    from edgecompress.measure.layers import main_precision
+    from edgecompress.measure.reference import to_qdq
+
+    int8 = tmp_path / "int8.onnx"
+    onnx.save(to_qdq(onnx.load(str(small_model)), "uint8"), str(int8))
+    assert main_precision(small_model) == "fp32" and main_precision(int8) == "uint8"
+    protocol = {"min_time_s": 0.5, "statistic": "referenced_p50", "slow_retries": 0}
+    path = _profile(tmp_path, "ref", protocol=protocol)
+    fp32, quantized = (measure(model, path, use_cache=False) for model in (small_model, int8))
+    assert sorted(p.name for p in (home / "cache").glob("speed-reference-*.onnx")) == [
+        "speed-reference-v3-uint8.onnx",
+        "speed-reference-v3.onnx",
+    ]
+    records = json.loads((home / "cache" / "speed_reference.json").read_text())["records"]
+    usual = {key.rsplit(" | ", 1)[1]: r["reference_ms"] for key, r in records.items()}
+    assert usual == {
+        "fp32 reference v3": [pytest.approx(fp32.latency.reference_ms, abs=1e-4)],
+        "int8 (uint8 activations) reference v3": [pytest.approx(quantized.latency.reference_ms, abs=1e-4)],
+    }
+    assert any("a fixed fp32 reference CNN" in n for n in fp32.notes), fp32.notes
+    int8_note = "a fixed int8 (uint8 activations) reference CNN"
+    assert any(int8_note in n for n in quantized.notes), quantized.notes
+
+
 @pytest.mark.parametrize("key, value", [("min_time_s", -1.0), ("min_time_s", 601.0), ("min_time_s", "2"),
                                         ("min_time_s", True), ("max_time_s", 601.0), ("max_time_s", "10"),
-                                        ("spare_core", 1), ("reference", 1)])  # fmt: skip
+                                        ("spare_core", 1)])  # fmt: skip
 def test_optional_job_keys_are_validated(key: str, value: object) -> None:
     job = job_for(load_profile("host"), [{"id": "m", "path": "m.onnx"}], memory_cap=False)
     with pytest.raises(JobError, match=key):
         validate_job({**job, key: value})
 
 
+@pytest.mark.parametrize("entry", [{"id": "m", "path": "m.onnx", "reference": 1},
+                                   {"id": "m", "path": "m.onnx", "other": "x"}, {"id": "m"}])  # fmt: skip
+def test_model_entries_are_validated(entry: dict) -> None:
+    job = job_for(load_profile("host"), [{"id": "m", "path": "m.onnx"}], memory_cap=False)
+    with pytest.raises(JobError, match="model"):
+        validate_job({**job, "models": [entry]})
+
+
 def test_int8_qdq_resnet20_is_faster_than_fp32_on_host(tmp_path: Path) -> None:
     """Real timings of a real ResNet-20 export: the expected gap is ~2x (U8S8 on VNNI). On an
-    x86 CPU without VNNI, int8 is not faster (AVX2, AMD EPYC 7001: 2.6 ms against fp32's
-    2.4 ms): the test then says so and skips the speed check."""
+    x86 CPU without VNNI it depends on the CPU (AVX2: an AMD EPYC 7001 took 2.6 ms against
+    fp32's 2.4 ms, a Zen 3 EPYC 0.64 against 1.05 ms): where int8 is not faster there, the
+    test says so and skips the speed check."""
     torch = pytest.importorskip("torch")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -372,9 +411,9 @@ def test_int8_qdq_resnet20_is_faster_than_fp32_on_host(tmp_path: Path) -> None:
     m32 = measure(fp32, profile, use_cache=False)
     m8 = measure(int8, profile, use_cache=False)
     assert m8.file_bytes < m32.file_bytes / 3
-    if pairs_saturate():  # x86 without VNNI: its int8 kernels pair products in int16
+    if pairs_saturate() and m8.latency_ms * 1.3 >= m32.latency_ms:  # x86 without VNNI
         pytest.skip(
-            f"this CPU has no VNNI, so onnxruntime's int8 kernels are not faster here: "
+            f"this CPU has no VNNI, and onnxruntime's int8 kernels are not faster here: "
             f"int8 {m8.latency_ms:.2f} ms, fp32 {m32.latency_ms:.2f} ms"
         )
     # The quiet median and min: what each takes when no other work preempts it.
