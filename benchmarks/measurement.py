@@ -146,9 +146,8 @@ def learn_usual_speed(models: list[tuple[str, str, Path]]) -> tuple[dict[str, fl
             m = measure(path, "host", use_cache=False)
             taken += 1
             learning |= any(n.startswith(LEARNING) for n in m.notes)
-            if m.raw.reference_ratio is None:
-                raise SystemExit("the host profile's figures are not speed-referenced: nothing to learn")
-            usual[precision] = m.raw.referenced_p50 / m.raw.reference_ratio
+            if m.raw.reference_ratio is not None:  # None: too few reference runs in the window
+                usual[precision] = m.raw.referenced_p50 / m.raw.reference_ratio
         if not learning:
             return usual, taken
 

@@ -71,7 +71,8 @@ def main() -> None:
                 f"unknown architecture among {sorted(wanted)}: see ARCHITECTURES in measurement.py"
             )
         print("learning the host's usual speed ...", flush=True)
-        usual, taken = learn_usual_speed(models)
+        usual_ms, taken = learn_usual_speed(models)
+        usual = usual_ms["fp32"]  # the models here are fp32
         figures: dict[str, list[dict]] = {name: [] for name, _p, _path in models}
         core = neighbour_core()
         for round_ in range(args.rounds):
