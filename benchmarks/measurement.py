@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -152,12 +151,9 @@ def learn_usual_speed(models: list[tuple[str, str, Path]]) -> tuple[dict[str, fl
             return usual, taken
 
 
-def _by_precision(values: dict[str, Any], form: str) -> str:
-    """ "fp32 1.234 ms, int8 0.567 ms" from {precision: value} and a format for one value."""
-    return ", ".join(
-        f"{precision} {form.format(*v) if isinstance(v, tuple) else form.format(v)}"
-        for precision, v in sorted(values.items())
-    )
+def _by_precision(values: dict[str, tuple], form: str) -> str:
+    """ "fp32 1.234 ms, int8 0.567 ms" from {precision: values} and a format for them."""
+    return ", ".join(f"{precision} {form.format(*v)}" for precision, v in sorted(values.items()))
 
 
 def previous_runs() -> list[dict]:
@@ -368,7 +364,9 @@ def main() -> None:
                 [
                     "- Speed reference (a ResNet-8 timed between the model's runs, in fp32 for fp32 "
                     "models and in int8 QDQ for int8 ones; the figure is the model's ratio to it times "
-                    f"its usual ms here): usual {_by_precision(usual[0], '{:.3f} ms')}, the median of "
+                    "its usual ms here): usual "
+                    + _by_precision({k: (v,) for k, v in usual[0].items()}, "{:.3f} ms")
+                    + ", the median of "
                     f"its first {USUAL_WINDOWS} timed windows on this machine, taken before these runs "
                     f"({'while profiling the host and ' if not args.table else ''}in {usual[1]} "
                     "measurements, retries included). In the runs' windows it took "
