@@ -102,7 +102,7 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
     drift: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     window: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     steal: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
-    reference: dict[str, list[float]] = {}  # the speed reference's ms in each run's window, by precision
+    reference: dict[str, list[float]] = {}  # the speed reference's ms in each run's window, by its form
     last = {}
     for run in range(runs):
         for name, precision, path in models:
@@ -115,8 +115,8 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
             drift[(name, precision)].append(m.latency.drift)
             window[(name, precision)].append(m.latency.window_s)
             steal[(name, precision)].append(m.steal_percent or 0.0)
-            if m.raw is not None and m.raw.reference_ms is not None:
-                reference.setdefault(precision, []).append(m.raw.reference_ms)
+            if m.raw is not None and m.raw.reference is not None:
+                reference.setdefault(m.raw.reference, []).append(m.raw.reference_ms)
             last[(name, precision)] = m
         print(f"{device}: run {run + 1}/{runs} done (load {_load()})", flush=True)
     return {
@@ -135,25 +135,28 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
 
 def learn_usual_speed(models: list[tuple[str, str, Path]]) -> tuple[dict[str, float], int]:
     """Measure the models in turn on host until the speed references' usual ms on this
-    machine are fixed (machine_state.USUAL_WINDOWS windows each: the fp32 reference and,
-    for int8 models, the int8 one), as they are on any machine after its first
-    measurements; (usual ms by model precision, the measurements it took)."""
-    taken = 0
-    while True:
-        usual, learning = {}, False
-        for _name, precision, path in models:
-            m = measure(path, "host", use_cache=False)
+    machine are fixed (machine_state.USUAL_WINDOWS windows of each form the models use:
+    fp32, int8, weight-streaming), as they are on any machine after its first
+    measurements; each pass measures again only the models whose form is still being
+    learned. (usual ms by the reference's form, the measurements it took)."""
+    taken, usual, pending = 0, {}, list(models)
+    while pending:
+        learning = []
+        for model in pending:
+            m = measure(model[2], "host", use_cache=False)
             taken += 1
-            learning |= any(n.startswith(LEARNING) for n in m.notes)
-            if m.raw.reference_ratio is not None:  # None: too few reference runs in the window
-                usual[precision] = m.raw.referenced_p50 / m.raw.reference_ratio
-        if not learning:
-            return usual, taken
+            if any(n.startswith(LEARNING) for n in m.notes):
+                learning.append(model)
+            if m.raw.reference is not None:  # None: too few reference runs in the window
+                usual[m.raw.reference] = m.raw.referenced_p50 / m.raw.reference_ratio
+        pending = learning
+    return usual, taken
 
 
-def _by_precision(values: dict[str, tuple], form: str) -> str:
-    """ "fp32 1.234 ms, int8 0.567 ms" from {precision: values} and a format for them."""
-    return ", ".join(f"{precision} {form.format(*v)}" for precision, v in sorted(values.items()))
+def _by_form(values: dict[str, tuple], form: str) -> str:
+    """ "fp32 1.234 ms; int8 (uint8 activations) 0.567 ms" from {reference form: values}
+    and a format for them."""
+    return "; ".join(f"{kind} {form.format(*v)}" for kind, v in sorted(values.items()))
 
 
 def previous_runs() -> list[dict]:
@@ -362,15 +365,16 @@ def main() -> None:
             "the hypervisor gave the core to other work.",
             *(
                 [
-                    "- Speed reference (a ResNet-8 timed between the model's runs, in fp32 for fp32 "
-                    "models and in int8 QDQ for int8 ones; the figure is the model's ratio to it times "
-                    "its usual ms here): usual "
-                    + _by_precision({k: (v,) for k, v in usual[0].items()}, "{:.3f} ms")
+                    "- Speed reference (timed between the model's runs: a ResNet-8 in fp32 for fp32 "
+                    "models and in int8 QDQ for int8 ones, a weight-streaming probe of about the model's "
+                    "size for weight-bound fp32 ones, here VGG-16; the figure is the model's ratio to it "
+                    "times its usual ms here): usual "
+                    + _by_form({k: (v,) for k, v in usual[0].items()}, "{:.3f} ms")
                     + ", the median of "
                     f"its first {USUAL_WINDOWS} timed windows on this machine, taken before these runs "
                     f"({'while profiling the host and ' if not args.table else ''}in {usual[1]} "
                     "measurements, retries included). In the runs' windows it took "
-                    + _by_precision(
+                    + _by_form(
                         {k: (min(v), max(v), 100 * cv(v)) for k, v in results["host"]["reference"].items()},
                         "{0:.3f}-{1:.3f} ms (CV {2:.1f}%)",
                     )

@@ -396,11 +396,11 @@ def describe(model_or_path: Any) -> list[Layer]:
     return layers
 
 
-def main_precision(model_or_path: Any) -> str:
-    """The activation precision most of a model's multiply-accumulates run in: fp32, or
-    uint8 / int8 where int8 kernels do most of its work."""
+def main_precision(layers: list[Layer]) -> str:
+    """The activation precision most of a model's multiply-accumulates (its describe()
+    layers) run in: fp32, or uint8 / int8 where int8 kernels do most of its work."""
     macs: dict[str, int] = defaultdict(int)
-    for layer in describe(model_or_path):
+    for layer in layers:
         if layer.key.op in WEIGHTED_OPS:
             macs[layer.key.aprec] += layer.macs
     return max(macs, key=macs.__getitem__) if macs else "fp32"

@@ -55,6 +55,9 @@ class LatencyStats:
     reference_ratio: float | None = None
     reference_ms: float | None = None
     referenced_p50: float | None = None
+    # Which form of the speed reference (reference.reference_kind): "fp32", "int8 (uint8
+    # activations)" or "fp32 weight-streaming (6 layers, 13.5 MB)"; each has its usual ms.
+    reference: str | None = None
 
     def scaled(self, factor: float) -> LatencyStats:
         return LatencyStats(
@@ -72,6 +75,7 @@ class LatencyStats:
             reference_ratio=self.reference_ratio,
             reference_ms=self.reference_ms,
             referenced_p50=None if self.referenced_p50 is None else self.referenced_p50 * factor,
+            reference=self.reference,
         )
 
     def chosen(self, statistic: str) -> str:
@@ -280,20 +284,17 @@ def job_for(
 
 
 def _reference_for(path: str) -> str:
-    """The speed reference to time between a model's runs: the int8 form, with the
-    model's activation type, where int8 kernels do most of its work (they slow by another
-    factor than fp32 ones when the core is shared), else fp32. A file that cannot be read
-    gets the fp32 one; the worker then says what is wrong with it."""
-    from edgecompress.measure.layers import main_precision
-    from edgecompress.measure.reference import speed_reference as reference_file
+    """The form of the speed reference to time between a model's runs
+    (reference.speed_reference_for: int8, weight-streaming or fp32). A file that cannot be
+    read gets the fp32 one; the worker then says what is wrong with it."""
+    from edgecompress.measure.reference import speed_reference, speed_reference_for
     from edgecompress.profiles import home_dir
 
+    folder = home_dir() / "cache"
     try:
-        precision = main_precision(Path(path))
+        return str(speed_reference_for(Path(path), folder))
     except Exception:  # a graph describe() cannot read: the worker says what is wrong
-        precision = "fp32"
-    activations = precision if precision in ("uint8", "int8") else "fp32"
-    return str(reference_file(home_dir() / "cache", activations))
+        return str(speed_reference(folder))
 
 
 def model_stats(one: dict[str, Any], mode: str, cores: int, notes: list[str]) -> LatencyStats:
@@ -314,10 +315,9 @@ def _speed_referenced(
     if raw.reference_ratio is None or raw.reference_ms is None:
         return raw
     from edgecompress.measure.machine_state import USUAL_WINDOWS, machine_key, usual_reference
-    from edgecompress.measure.reference import reference_precision
+    from edgecompress.measure.reference import reference_kind
 
-    precision = reference_precision(reference)
-    kind = "fp32" if precision == "fp32" else f"int8 ({precision} activations)"
+    kind = reference_kind(reference)
     key = f"{machine_key(mode, None, cores)} | {kind} reference v{REFERENCE_VERSION}"
     usual, windows = usual_reference(key, raw.reference_ms)
     notes.append(
@@ -329,7 +329,7 @@ def _speed_referenced(
         notes.append(
             f"{LEARNING} ({windows} of {USUAL_WINDOWS} measurements): until then its figures can move with it"
         )
-    return dataclasses.replace(raw, referenced_p50=raw.reference_ratio * usual)
+    return dataclasses.replace(raw, referenced_p50=raw.reference_ratio * usual, reference=kind)
 
 
 def make_measurement(

@@ -346,28 +346,64 @@ def test_an_int8_model_is_referenced_against_the_int8_reference(
     """A model whose work runs in int8 kernels is timed against the int8 form of the speed
     reference (a busy core slows int8 kernels by another factor than fp32 ones), whose
     usual ms this machine learns apart from the fp32 one's."""
-    from edgecompress.measure.layers import main_precision
+    from edgecompress.measure.layers import describe, main_precision
     from edgecompress.measure.reference import to_qdq
 
     int8 = tmp_path / "int8.onnx"
     onnx.save(to_qdq(onnx.load(str(small_model)), "uint8"), str(int8))
-    assert main_precision(small_model) == "fp32" and main_precision(int8) == "uint8"
+    assert main_precision(describe(small_model)) == "fp32" and main_precision(describe(int8)) == "uint8"
     protocol = {"min_time_s": 0.5, "statistic": "referenced_p50", "slow_retries": 0}
     path = _profile(tmp_path, "ref", protocol=protocol)
     fp32, quantized = (measure(model, path, use_cache=False) for model in (small_model, int8))
     assert sorted(p.name for p in (home / "cache").glob("speed-reference-*.onnx")) == [
-        "speed-reference-v3-uint8.onnx",
-        "speed-reference-v3.onnx",
+        "speed-reference-v4-uint8.onnx",
+        "speed-reference-v4.onnx",
     ]
     records = json.loads((home / "cache" / "speed_reference.json").read_text())["records"]
     usual = {key.rsplit(" | ", 1)[1]: r["reference_ms"] for key, r in records.items()}
     assert usual == {
-        "fp32 reference v3": [pytest.approx(fp32.latency.reference_ms, abs=1e-4)],
-        "int8 (uint8 activations) reference v3": [pytest.approx(quantized.latency.reference_ms, abs=1e-4)],
+        "fp32 reference v4": [pytest.approx(fp32.latency.reference_ms, abs=1e-4)],
+        "int8 (uint8 activations) reference v4": [pytest.approx(quantized.latency.reference_ms, abs=1e-4)],
     }
+    assert (fp32.latency.reference, quantized.latency.reference) == ("fp32", "int8 (uint8 activations)")
     assert any("a fixed fp32 reference CNN" in n for n in fp32.notes), fp32.notes
     int8_note = "a fixed int8 (uint8 activations) reference CNN"
     assert any(int8_note in n for n in quantized.notes), quantized.notes
+
+
+def test_weight_bound_models_get_a_streaming_reference_of_their_size() -> None:
+    """Only a model whose fp32 weights outgrow the caches and whose work is mostly fetching
+    them is timed against the weight-streaming reference, at the depth nearest its size."""
+    from edgecompress.measure.layers import describe
+    from edgecompress.measure.reference import resnet, stream_layers_for, stream_probe, vgg
+
+    assert stream_layers_for(describe(stream_probe(1))) == 0  # 2.25 MB: stays in the caches
+    assert stream_layers_for(describe(stream_probe(3))) == 3
+    assert stream_layers_for(describe(stream_probe(7))) in (6, 8)
+    assert stream_layers_for(describe(stream_probe(40))) == 32  # beyond the deepest: the deepest
+    # VGG's late stages at 512 channels on 2x2 and 4x4 maps: weight-bound.
+    assert stream_layers_for(describe(vgg((64, 128, 256, 512, 512)))) > 0
+    # A wide ResNet of as many megabytes does 30+ MACs per weight byte: compute-bound.
+    wide = describe(resnet((128, 256, 512), 1))
+    assert stream_layers_for(wide) == 0
+
+
+def test_a_weight_bound_model_is_referenced_against_the_streaming_reference(
+    tmp_path: Path, home: Path
+) -> None:
+    from edgecompress.measure.reference import stream_probe
+
+    model = tmp_path / "stream3.onnx"
+    onnx.save(stream_probe(3), str(model))
+    protocol = {"min_time_s": 0.5, "statistic": "referenced_p50", "slow_retries": 0}
+    m = measure(model, _profile(tmp_path, "ref", protocol=protocol), use_cache=False)
+    (reference,) = (home / "cache").glob("speed-reference-*.onnx")
+    kind = "fp32 weight-streaming (3 layers, 6.8 MB)"
+    assert reference.name == "speed-reference-v4-stream3.onnx" and m.latency.reference == kind
+    assert m.statistic == "referenced_p50" and m.latency_ms == m.latency.referenced_p50
+    # The model is the reference's graph (other random weights): it runs about as long.
+    assert 0.8 < m.latency.reference_ratio < 1.25, m.latency.reference_ratio
+    assert any(f"a fixed {kind} reference CNN" in n for n in m.notes), m.notes
 
 
 @pytest.mark.parametrize("key, value", [("min_time_s", -1.0), ("min_time_s", 601.0), ("min_time_s", "2"),
