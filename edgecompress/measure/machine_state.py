@@ -12,7 +12,7 @@ and measures again up to `slow_retries` times, keeping the attempt with the fast
 
 It also keeps the speed reference's usual ms per machine (usual_reference). The probe is
 a numpy workload unlike a CNN, and timed beside the model, not between its runs; the
-speed reference is a small CNN timed between the model's runs (runner.referenced_figures),
+speed reference is a fixed CNN timed between the model's runs (runner.referenced_figures),
 so a speed-referenced figure (statistic referenced_p50) moves with the machine far less.
 """
 

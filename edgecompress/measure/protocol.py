@@ -49,7 +49,7 @@ class LatencyStats:
     drift: float | None = None
     window_s: float | None = None
     # Timed against the speed reference (runner.referenced_figures): the model's ms over a
-    # fixed small CNN's ms in the same stretches, the reference's ms in this window (raw,
+    # fixed CNN's ms in the same stretches, the reference's ms in this window (raw,
     # where the model ran), and the ratio times the reference's usual ms on this machine
     # (machine_state.usual_reference): what the model takes when the machine runs as usual.
     reference_ratio: float | None = None

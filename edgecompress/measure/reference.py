@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecompress.measure.layers import LayerKey
+from edgecompress.measure.layers import Layer, LayerKey
 
 OPSET = 17
 IR_VERSION = 8  # read by onnxruntime builds back to 1.13, as found on older boards
@@ -215,17 +215,18 @@ def speed_reference_for(model: Path, folder: Path) -> Path:
 # runs as fast as the share of the last-level cache other tenants leave it, which moves
 # for minutes at a time; the ResNet-8 lives in L2 and does not see that. A stream_probe
 # of about the model's megabytes does. On the 2-core Zen 3 host (32 MB L3 shared with other
-# VMs), VGG-16-BN pruned 50% fp32 (14 MB, 5.3 MACs per weight byte), 10 windows of 8 s:
-# CV of its ratio to the ResNet-8 5.9%, to a 6-layer probe (13.5 MB) 2.7%, to 8 layers
-# (18 MB) 3.0%, to 3 layers (6.8 MB) 4.4%. Its depth is rounded to STREAM_DEPTHS
-# (half-octaves of about its size), since each depth learns its own usual ms.
+# VMs), VGG-16-BN pruned 50% fp32 (14 MB, 5.3 MACs per weight byte), the CV of its ratio
+# over three sets of 6-10 windows: to the ResNet-8 9.4%, 5.5%, 5.9%; to a 6-layer probe
+# (13.5 MB) 4.3%, 5.1%, 2.7%; in the third set also 3.0% to 8 layers (18 MB) and 4.4% to
+# 3 (6.8 MB). VGG-16-BN fp32 (56 MB): 1.5% to the ResNet-8, 0.7% to 23 layers. Its depth
+# is rounded to STREAM_DEPTHS (half-octaves), since each depth learns its own usual ms.
 STREAM_MIN_LAYERS = 2  # below about 4.5 MB the weights stay in the caches
 STREAM_MAX_MACS_PER_BYTE = 8.0  # the probe does 4 per byte of fp32 weights; ResNets 35-40
 STREAM_DEPTHS = (2, 3, 4, 6, 8, 11, 16, 23, 32)
 STREAM_LAYER_MB = 9 * 256 * 256 * 4 / 2**20  # one probe layer (256 -> 256 channels, 3x3, fp32): 2.25
 
 
-def stream_layers_for(layers: Sequence[Any]) -> int:
+def stream_layers_for(layers: Sequence[Layer]) -> int:
     """Depth of the weight-streaming reference for a model (its describe() layers): the
     STREAM_DEPTHS depth nearest its weight megabytes in probe layers, or 0 for a model
     that is not weight-bound (under STREAM_MIN_LAYERS of weights, or more than
