@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecompress.measure.layers import Layer, LayerKey
+from edgecompress.measure.latency_table import weight_mb
+from edgecompress.measure.layers import Layer, LayerKey, describe, main_precision
 
 OPSET = 17
 IR_VERSION = 8  # read by onnxruntime builds back to 1.13, as found on older boards
@@ -201,8 +202,6 @@ def speed_reference_for(model: Path, folder: Path) -> Path:
     int8 form, with the model's activation type, where int8 kernels do most of its work;
     the weight-streaming form of about its size for a weight-bound fp32 model
     (stream_layers_for); else the fp32 ResNet-8."""
-    from edgecompress.measure.layers import describe, main_precision
-
     layers = describe(model)
     precision = main_precision(layers)
     if precision in ("uint8", "int8"):
@@ -231,8 +230,6 @@ def stream_layers_for(layers: Sequence[Layer]) -> int:
     STREAM_DEPTHS depth nearest its weight megabytes in probe layers, or 0 for a model
     that is not weight-bound (under STREAM_MIN_LAYERS of weights, or more than
     STREAM_MAX_MACS_PER_BYTE multiply-accumulates per weight byte)."""
-    from edgecompress.measure.latency_table import weight_mb
-
     mb = weight_mb(layers)
     macs = sum(layer.macs for layer in layers)
     if mb < STREAM_MIN_LAYERS * STREAM_LAYER_MB or macs > STREAM_MAX_MACS_PER_BYTE * mb * 2**20:
