@@ -157,6 +157,20 @@ def test_the_run_folder_holds_plan_report_and_every_candidate(run) -> None:
         assert (out / name).is_file(), name
 
 
+def test_stage_two_weighs_8_bit_weights_on_float_activations_against_its_episodes(run) -> None:
+    from edgecompress.search.loop import better
+
+    lines = (run.out_dir / "candidates.jsonl").read_text().splitlines()
+    anchor = next(r for r in map(json.loads, lines) if r["id"] == "quantize-weights-only")
+    settings = list(anchor["decisions"]["layers"].values())
+    assert settings and all(
+        s["bits"] == 8 and s["activation"] == "float" and not s["clusters"] for s in settings
+    )
+    assert anchor["accuracy"] > 50 and anchor["latency_ms"] > 0 and anchor["size_kb"] > 0
+    best = json.loads((run.out_dir / "best-quantize.json").read_text())["record"]
+    assert not better(anchor, best)  # the stage's best is at least as good
+
+
 def test_same_seed_same_plan(run, weights: Path, baseline: dict, tmp_path: Path) -> None:
     from edgecompress import compress
 
