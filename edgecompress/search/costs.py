@@ -64,6 +64,10 @@ class Config:
             out[key] = tuple(values)
         return replace(self, **out)
 
+    def with_activations(self, activation: str) -> Config:
+        """Every layer's activations "float" or "int8", the rest as it is."""
+        return replace(self, activation=(activation,) * len(self.activation))
+
 
 @dataclass(frozen=True)
 class Shape:

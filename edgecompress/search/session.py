@@ -300,7 +300,7 @@ class Session:
         acts = ("int8", "float") if self.ctx.int8_available else ("float",)
         points = []
         for act in acts:
-            config = dataclasses.replace(smallest, activation=(act,) * len(smallest.activation))
+            config = smallest.with_activations(act)
             points.append((config, self.anchor(stage, f"reachable-{act}", config)))
         least: dict[str, Any] = {}
         for key in ("latency_ms", "memory_mb", "size_kb"):
@@ -340,7 +340,7 @@ class Session:
             # int8 kernels) it can be the best model that meets the budgets, and random
             # episodes rarely land on it (a demo run chose clusters and 4-bit weights at 90%
             # held-out over it at 94%).
-            weights_only = dataclasses.replace(env.start, activation=("float",) * len(env.start.activation))
+            weights_only = env.start.with_activations("float")
             points.append((weights_only, self.anchor(stage, "weights-only", weights_only)))
         reached, reach = self.reachable(stage, env.floor_config())
         points += reached

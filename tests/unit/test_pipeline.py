@@ -166,7 +166,8 @@ def test_stage_two_weighs_8_bit_weights_on_float_activations_against_its_episode
     assert settings and all(
         s["bits"] == 8 and s["activation"] == "float" and not s["clusters"] for s in settings
     )
-    assert anchor["accuracy"] > 50 and anchor["latency_ms"] > 0 and anchor["size_kb"] > 0
+    # Measured and evaluated like any candidate (the pruned model it starts from may be weak).
+    assert anchor["accuracy"] > 0 and anchor["latency_ms"] > 0 and anchor["size_kb"] > 0
     best = json.loads((run.out_dir / "best-quantize.json").read_text())["record"]
     assert not better(anchor, best)  # the stage's best is at least as good
 
