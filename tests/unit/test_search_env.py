@@ -18,7 +18,7 @@ from edgecompress.compress.graph import analyze
 from edgecompress.search.agents import AGENTS
 from edgecompress.search.costs import Config, CostModel, fit_affine
 from edgecompress.search.env import PruningEnv, QuantizationEnv, SharingEnv
-from edgecompress.search.loop import make_agent, run_episodes
+from edgecompress.search.loop import better, make_agent, run_episodes
 from edgecompress.search.record import CandidateLog, Outcome
 from edgecompress.search.reward import Budgets, check, reward
 from edgecompress.search.structure import channel_choices, from_graph
@@ -231,6 +231,17 @@ def test_reward_pays_accuracy_and_charges_missed_budgets() -> None:
     assert fast > slow and fast > lossy
     rows = check(Budgets(latency_ms=2.0, max_accuracy_drop=1.0), {"latency_ms": 2.5, "accuracy": 89.5}, 90.0)
     assert [r["met"] for r in rows] == [False, True]
+
+
+def test_equal_reward_goes_to_the_smaller_and_faster_candidate() -> None:
+    fp32 = {"feasible": True, "reward": 0.94, "latency_ms": 0.20, "memory_mb": 3.0, "size_kb": 87.0}
+    int8 = {**fp32, "latency_ms": 0.21, "size_kb": 27.0}  # as accurate, a bit slower, 3x smaller
+    assert better(int8, fp32) and not better(fp32, int8)
+    assert not better(dict(fp32), fp32)  # a full tie keeps the earlier one
+    assert better({**fp32, "reward": 0.95, "size_kb": 500.0}, int8)  # accuracy comes first
+    assert not better({**int8, "feasible": False, "reward": 0.99}, fp32)  # and budgets before it
+    unmeasured = {**int8, "latency_ms": None, "memory_mb": None}  # FLOPs mode: size alone decides
+    assert better(unmeasured, fp32)
 
 
 @pytest.mark.parametrize("agent", sorted(set(AGENTS) - {"decore"}))
