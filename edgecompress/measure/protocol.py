@@ -56,7 +56,8 @@ class LatencyStats:
     reference_ms: float | None = None
     referenced_p50: float | None = None
     # Which form of the speed reference (reference.reference_kind): "fp32", "int8 (uint8
-    # activations)" or "fp32 weight-streaming (6 layers, 13.5 MB)"; each has its usual ms.
+    # activations)", "fp32 weight-streaming (6 layers, 13.5 MB)" or its int8 form; each
+    # has its usual ms.
     reference: str | None = None
 
     def scaled(self, factor: float) -> LatencyStats:

@@ -177,18 +177,23 @@ def speed_reference(folder: Path, activations: str = "fp32", stream_layers: int 
     (0.3 MB, about 1 ms on a server core), a fixed workload timed between a model's runs;
     in fp32, or in int8 QDQ with `activations` (uint8 or int8) for a model whose work runs
     in int8 kernels, which a busy core slows by another factor than fp32 ones. With
-    `stream_layers`, the weight-streaming form instead: stream_probe(stream_layers), for
-    a weight-bound fp32 model of about that many probe layers' megabytes (stream_layers_for)
+    `stream_layers`, the weight-streaming form instead, for a weight-bound model of about
+    that many probe layers' megabytes (stream_layers_for): stream_probe(stream_layers) in
+    fp32, or in int8 QDQ at twice the channels, so that each layer holds as many bytes
     (runner.REFERENCE_VERSION names these graphs: bump it when they change)."""
     from edgecompress.measure.runner import REFERENCE_VERSION
 
-    suffix = "" if activations == "fp32" else f"-{activations}"
-    if stream_layers:
-        suffix = f"-stream{stream_layers}"
+    suffix = f"-stream{stream_layers}" if stream_layers else ""
+    if activations != "fp32":
+        suffix += f"-{activations}"
     path = folder / f"speed-reference-v{REFERENCE_VERSION}{suffix}.onnx"
     if not path.is_file():
-        model = stream_probe(stream_layers) if stream_layers else resnet((16, 32, 64), 1, seed=0)
-        if activations != "fp32" and not stream_layers:
+        if stream_layers:
+            channels = STREAM_CHANNELS if activations == "fp32" else 2 * STREAM_CHANNELS
+            model = stream_probe(stream_layers, channels=channels)
+        else:
+            model = resnet((16, 32, 64), 1, seed=0)
+        if activations != "fp32":
             model = to_qdq(model, activations)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
@@ -199,54 +204,63 @@ def speed_reference(folder: Path, activations: str = "fp32", stream_layers: int 
 
 def speed_reference_for(model: Path, folder: Path) -> Path:
     """The form of the speed reference (in `folder`) to time between `model`'s runs: the
-    int8 form, with the model's activation type, where int8 kernels do most of its work;
-    the weight-streaming form of about its size for a weight-bound fp32 model
-    (stream_layers_for); else the fp32 ResNet-8."""
+    weight-streaming form of about its size for a weight-bound model (stream_layers_for),
+    else the ResNet-8; in int8 with the model's activation type where int8 kernels do most
+    of its work, else in fp32 (the ResNet-8 for other types, fp16 say)."""
     layers = describe(model)
     precision = main_precision(layers)
-    if precision in ("uint8", "int8"):
-        return speed_reference(folder, precision)
-    return speed_reference(folder, stream_layers=stream_layers_for(layers) if precision == "fp32" else 0)
+    if precision not in ("fp32", "uint8", "int8"):
+        return speed_reference(folder)
+    return speed_reference(folder, precision, stream_layers=stream_layers_for(layers))
 
 
 # The weight-streaming form of the speed reference. A model whose weights outgrow L2 and
-# whose work is mostly fetching them (few MACs per weight byte, as in VGG's late stages)
-# runs as fast as the share of the last-level cache other tenants leave it, which moves
-# for minutes at a time; the ResNet-8 lives in L2 and does not see that. A stream_probe
-# of about the model's megabytes does. On the 2-core Zen 3 host (32 MB L3 shared with other
+# whose work is mostly fetching them (few MACs per weight, as in VGG's late stages) runs
+# as fast as the share of the last-level cache other tenants leave it, which moves for
+# minutes at a time; the ResNet-8 lives in L2 and does not see that. A stream_probe of
+# about the model's megabytes does. On the 2-core Zen 3 host (32 MB L3 shared with other
 # VMs), VGG-16-BN pruned 50% fp32 (14 MB, 5.3 MACs per weight byte), the CV of its ratio
 # over three sets of 6-10 windows: to the ResNet-8 9.4%, 5.5%, 5.9%; to a 6-layer probe
 # (13.5 MB) 4.3%, 5.1%, 2.7%; in the third set also 3.0% to 8 layers (18 MB) and 4.4% to
-# 3 (6.8 MB). VGG-16-BN fp32 (56 MB): 1.5% to the ResNet-8, 0.7% to 23 layers. Its depth
-# is rounded to STREAM_DEPTHS (half-octaves), since each depth learns its own usual ms.
+# 3 (6.8 MB). VGG-16-BN fp32 (56 MB): 1.5% to the ResNet-8, 0.7% to 23 layers. The same
+# holds in int8: VGG-16-BN uint8 (14 MB of int8 weights, 21 MACs per weight), over 8
+# windows, 4.2% to the int8 ResNet-8 and 1.3% to 6 int8 probe layers of 512 channels
+# (13.5 MB) while its plain median moved 13%. Its depth is rounded to STREAM_DEPTHS
+# (half-octaves), since each depth learns its own usual ms.
 STREAM_MIN_LAYERS = 2  # below about 4.5 MB the weights stay in the caches
-STREAM_MAX_MACS_PER_BYTE = 8.0  # the probe does 4 per byte of fp32 weights; ResNets 35-40
+STREAM_MAX_MACS_PER_WEIGHT = 32.0  # the fp32 probe does 16 per weight; ResNets 140-160
 STREAM_DEPTHS = (2, 3, 4, 6, 8, 11, 16, 23, 32)
-STREAM_LAYER_MB = 9 * 256 * 256 * 4 / 2**20  # one probe layer (256 -> 256 channels, 3x3, fp32): 2.25
+STREAM_CHANNELS = 256  # of the fp32 probe; the int8 one has twice as many
+STREAM_LAYER_MB = 9 * 256 * 256 * 4 / 2**20  # one probe layer (fp32 256 or int8 512 channels): 2.25
 
 
 def stream_layers_for(layers: Sequence[Layer]) -> int:
     """Depth of the weight-streaming reference for a model (its describe() layers): the
-    STREAM_DEPTHS depth nearest its weight megabytes in probe layers, or 0 for a model
-    that is not weight-bound (under STREAM_MIN_LAYERS of weights, or more than
-    STREAM_MAX_MACS_PER_BYTE multiply-accumulates per weight byte)."""
+    STREAM_DEPTHS depth nearest its weight megabytes (in their stored precision) in probe
+    layers, or 0 for a model that is not weight-bound (under STREAM_MIN_LAYERS of weights,
+    or more than STREAM_MAX_MACS_PER_WEIGHT multiply-accumulates per weight)."""
     mb = weight_mb(layers)
     macs = sum(layer.macs for layer in layers)
-    if mb < STREAM_MIN_LAYERS * STREAM_LAYER_MB or macs > STREAM_MAX_MACS_PER_BYTE * mb * 2**20:
+    weights = sum(layer.params for layer in layers)
+    if mb < STREAM_MIN_LAYERS * STREAM_LAYER_MB or macs > STREAM_MAX_MACS_PER_WEIGHT * weights:
         return 0
     return min(STREAM_DEPTHS, key=lambda depth: abs(np.log(depth * STREAM_LAYER_MB / mb)))
 
 
 def reference_kind(name: str) -> str:
     """Which form of the speed reference the file `name` holds, in words: "fp32",
-    "int8 (uint8 activations)", or "fp32 weight-streaming (6 layers, 13.5 MB)"."""
-    form = Path(name).stem.rsplit("-", 1)[1]
-    if form in ("uint8", "int8"):
-        return f"int8 ({form} activations)"
-    if form.startswith("stream") and form[6:].isdigit():
-        depth = int(form[6:])
-        return f"fp32 weight-streaming ({depth} layers, {depth * STREAM_LAYER_MB:.1f} MB)"
-    return "fp32"
+    "int8 (uint8 activations)", "fp32 weight-streaming (6 layers, 13.5 MB)" or
+    "int8 weight-streaming (6 layers, 13.5 MB, uint8 activations)"."""
+    forms = Path(name).stem.split("-")[3:]  # after speed-reference-vN
+    activations = forms.pop() if forms and forms[-1] in ("uint8", "int8") else None
+    precision = "fp32" if activations is None else "int8"
+    if forms and forms[0].startswith("stream") and forms[0][6:].isdigit():
+        depth = int(forms[0][6:])
+        what = f"{depth} layers, {depth * STREAM_LAYER_MB:.1f} MB"
+        if activations is not None:
+            what += f", {activations} activations"
+        return f"{precision} weight-streaming ({what})"
+    return precision if activations is None else f"int8 ({activations} activations)"
 
 
 def vgg(widths: tuple[int, ...], convs: int = 2, seed: int = 0) -> Any:

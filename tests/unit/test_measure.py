@@ -356,14 +356,14 @@ def test_an_int8_model_is_referenced_against_the_int8_reference(
     path = _profile(tmp_path, "ref", protocol=protocol)
     fp32, quantized = (measure(model, path, use_cache=False) for model in (small_model, int8))
     assert sorted(p.name for p in (home / "cache").glob("speed-reference-*.onnx")) == [
-        "speed-reference-v4-uint8.onnx",
-        "speed-reference-v4.onnx",
+        "speed-reference-v5-uint8.onnx",
+        "speed-reference-v5.onnx",
     ]
     records = json.loads((home / "cache" / "speed_reference.json").read_text())["records"]
     usual = {key.rsplit(" | ", 1)[1]: r["reference_ms"] for key, r in records.items()}
     assert usual == {
-        "fp32 reference v4": [pytest.approx(fp32.latency.reference_ms, abs=1e-4)],
-        "int8 (uint8 activations) reference v4": [pytest.approx(quantized.latency.reference_ms, abs=1e-4)],
+        "fp32 reference v5": [pytest.approx(fp32.latency.reference_ms, abs=1e-4)],
+        "int8 (uint8 activations) reference v5": [pytest.approx(quantized.latency.reference_ms, abs=1e-4)],
     }
     assert (fp32.latency.reference, quantized.latency.reference) == ("fp32", "int8 (uint8 activations)")
     assert any("a fixed fp32 reference CNN" in n for n in fp32.notes), fp32.notes
@@ -388,6 +388,28 @@ def test_weight_bound_models_get_a_streaming_reference_of_their_size() -> None:
     assert stream_layers_for(wide) == 0
 
 
+def test_int8_weights_count_their_own_bytes_for_the_streaming_reference() -> None:
+    """int8 weights take a quarter of the bytes: a probe of 512 channels holds in int8 what
+    one of 256 holds in fp32, and the same MACs per weight mark a model weight-bound."""
+    from edgecompress.measure.layers import describe
+    from edgecompress.measure.reference import stream_layers_for, stream_probe, to_qdq
+
+    assert stream_layers_for(describe(to_qdq(stream_probe(3, channels=512), "uint8"))) == 3
+    assert stream_layers_for(describe(to_qdq(stream_probe(3), "uint8"))) == 0  # 1.7 MB: cached
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("speed-reference-v5.onnx", "fp32"),
+    ("speed-reference-v5-uint8.onnx", "int8 (uint8 activations)"),
+    ("speed-reference-v5-stream6.onnx", "fp32 weight-streaming (6 layers, 13.5 MB)"),
+    ("speed-reference-v5-stream2-int8.onnx", "int8 weight-streaming (2 layers, 4.5 MB, int8 activations)"),
+])  # fmt: skip
+def test_each_reference_file_names_its_form(name: str, kind: str) -> None:
+    from edgecompress.measure.reference import reference_kind
+
+    assert reference_kind(name) == kind
+
+
 def test_a_weight_bound_model_is_referenced_against_the_streaming_reference(
     tmp_path: Path, home: Path
 ) -> None:
@@ -399,11 +421,26 @@ def test_a_weight_bound_model_is_referenced_against_the_streaming_reference(
     m = measure(model, _profile(tmp_path, "ref", protocol=protocol), use_cache=False)
     (reference,) = (home / "cache").glob("speed-reference-*.onnx")
     kind = "fp32 weight-streaming (3 layers, 6.8 MB)"
-    assert reference.name == "speed-reference-v4-stream3.onnx" and m.latency.reference == kind
+    assert reference.name == "speed-reference-v5-stream3.onnx" and m.latency.reference == kind
     assert m.statistic == "referenced_p50" and m.latency_ms == m.latency.referenced_p50
     # The model is the reference's graph (other random weights): it runs about as long.
     assert 0.8 < m.latency.reference_ratio < 1.25, m.latency.reference_ratio
     assert any(f"a fixed {kind} reference CNN" in n for n in m.notes), m.notes
+
+
+def test_a_weight_bound_int8_model_is_referenced_against_the_int8_streaming_reference(
+    tmp_path: Path, home: Path
+) -> None:
+    from edgecompress.measure.reference import stream_probe, to_qdq
+
+    model = tmp_path / "stream3-uint8.onnx"
+    onnx.save(to_qdq(stream_probe(3, channels=512), "uint8"), str(model))
+    protocol = {"min_time_s": 0.5, "statistic": "referenced_p50", "slow_retries": 0}
+    m = measure(model, _profile(tmp_path, "ref", protocol=protocol), use_cache=False)
+    (reference,) = (home / "cache").glob("speed-reference-*.onnx")
+    kind = "int8 weight-streaming (3 layers, 6.8 MB, uint8 activations)"
+    assert reference.name == "speed-reference-v5-stream3-uint8.onnx" and m.latency.reference == kind
+    assert 0.8 < m.latency.reference_ratio < 1.25, m.latency.reference_ratio
 
 
 @pytest.mark.parametrize("key, value", [("min_time_s", -1.0), ("min_time_s", 601.0), ("min_time_s", "2"),
