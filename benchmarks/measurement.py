@@ -367,7 +367,8 @@ def main() -> None:
                 [
                     "- Speed reference (timed between the model's runs: a ResNet-8 in fp32 for fp32 "
                     "models and in int8 QDQ for int8 ones, a weight-streaming probe of about the model's "
-                    "size for weight-bound fp32 ones, here VGG-16; the figure is the model's ratio to it "
+                    "size, in its precision, for weight-bound ones, here VGG-16; the figure is the model's "
+                    "ratio to it "
                     "times its usual ms here): usual "
                     + _by_form({k: (v,) for k, v in usual[0].items()}, "{:.3f} ms")
                     + ", the median of "

@@ -38,6 +38,21 @@ Progress = Callable[[str, "float | None"], None]
 
 RUN_FILE = "run.json"
 MAX_REPAIRS = 3
+# A final latency this close under its budget is confirmed like a miss: one run of the
+# protocol on a busy machine can be fast as well as slow.
+CONFIRM_HEADROOM = 0.10
+
+
+def needs_confirming(budgets: Any, figures: dict[str, Any]) -> bool:
+    """Whether the final model's verdict takes two more measurements (the median counts):
+    a missed budget (on a busy machine one run of the protocol can be slow, and repair
+    costs accuracy), or a latency within CONFIRM_HEADROOM under its budget (one run can be
+    fast too, and the file would then miss its budget where the user measures it)."""
+    from edgecompress.search.reward import all_met
+
+    latency, limit = figures.get("latency_ms"), budgets.latency_ms
+    close = latency is not None and limit is not None and latency > (1.0 - CONFIRM_HEADROOM) * limit
+    return close or not all_met(budgets, figures)
 
 
 @dataclass(frozen=True)
@@ -347,16 +362,13 @@ class Run(Session):
         from edgecompress.compress.api import compressed_onnx
         from edgecompress.evaluate import evaluate
         from edgecompress.export import SOURCE_KEY, check_parity, save_onnx
-        from edgecompress.search.reward import all_met
         from edgecompress.search.scoring import figures_of, measurement_record
 
         self.report("verifying: re-measuring on the device", None)
         source = {"model": self.options.model, "weights": self.options.weights}
         save_onnx(compressed_onnx(compressed, plan, {SOURCE_KEY: json.dumps(source)}), path, force=True)
         m = self.measure(path, use_cache=False)
-        if not all_met(self.options.budgets(), figures_of(m)):
-            # A miss is confirmed by two more measurements (the median counts): on a busy
-            # machine one run of the protocol can be slow, and repair costs accuracy.
+        if needs_confirming(self.options.budgets(), figures_of(m)):
             runs = [m, self.measure(path, use_cache=False), self.measure(path, use_cache=False)]
             m = sorted(runs, key=lambda r: r.latency_ms if r.latency_ms is not None else float("inf"))[1]
         figures: dict[str, Any] = {**figures_of(m), "measurement": measurement_record(m)}

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +114,24 @@ def test_the_final_model_meets_every_budget_when_measured_again(run, baseline: d
     budgets = _budgets(baseline)
     assert run.budgets_met and {c["key"] for c in run.checks} == {"latency_ms", "size_kb"}
     assert run.onnx.stat().st_size / 1024 <= budgets["size_kb"]
-    # Independently of the pipeline: three fresh measurements, the median counts.
-    latencies = sorted(measure(run.onnx, "host", use_cache=False).latency_ms for _ in range(3))
+    # Independently of the pipeline: three fresh measurements with the bundled host
+    # profile's own protocol (2-10 s each; the quick copy's 0.5 s moved 20% on a busy
+    # day), the median counts.
+    host = Path(str(files("edgecompress.hardware_profiles") / "host.yaml"))
+    latencies = sorted(measure(run.onnx, host, use_cache=False).latency_ms for _ in range(3))
     assert latencies[1] <= budgets["latency_ms"], latencies
+
+
+def test_a_final_latency_close_under_its_budget_is_confirmed_like_a_miss() -> None:
+    from edgecompress.pipeline import needs_confirming
+    from edgecompress.search.reward import Budgets
+
+    budgets = Budgets(latency_ms=1.0, size_kb=50.0)
+    assert not needs_confirming(budgets, {"latency_ms": 0.85, "size_kb": 40.0})
+    assert needs_confirming(budgets, {"latency_ms": 0.95, "size_kb": 40.0})  # within 10%
+    assert needs_confirming(budgets, {"latency_ms": 1.05, "size_kb": 40.0})
+    assert needs_confirming(budgets, {"latency_ms": 0.5, "size_kb": 60.0})
+    assert not needs_confirming(Budgets(size_kb=50.0), {"latency_ms": 9.0, "size_kb": 49.9})
 
 
 def test_the_onnx_file_runs_in_plain_onnxruntime_with_the_reported_accuracy(run) -> None:
