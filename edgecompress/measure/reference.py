@@ -260,7 +260,7 @@ def reference_kind(name: str) -> str:
         if activations is not None:
             what += f", {activations} activations"
         return f"{precision} weight-streaming ({what})"
-    return precision if activations is None else f"int8 ({activations} activations)"
+    return "fp32" if activations is None else f"int8 ({activations} activations)"
 
 
 def vgg(widths: tuple[int, ...], convs: int = 2, seed: int = 0) -> Any:
