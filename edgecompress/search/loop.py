@@ -51,7 +51,7 @@ def better(record: Mapping[str, Any], best: Mapping[str, Any] | None) -> bool:
 
 def leanness(record: Mapping[str, Any], other: Mapping[str, Any]) -> float:
     """Sum of log(figure / other's figure) over the LEANER figures both have: below 0 when
-    `record` is smaller and faster on balance (a 10% faster, 10% larger model is even)."""
+    `record` is smaller and faster on balance (half the latency at twice the size is even)."""
     total = 0.0
     for key in LEANER:
         a, b = record.get(key), other.get(key)
