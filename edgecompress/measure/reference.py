@@ -231,7 +231,7 @@ STREAM_MIN_LAYERS = 2  # below about 4.5 MB the weights stay in the caches
 STREAM_MAX_MACS_PER_WEIGHT = 32.0  # the fp32 probe does 16 per weight; ResNets 140-160
 STREAM_DEPTHS = (2, 3, 4, 6, 8, 11, 16, 23, 32)
 STREAM_CHANNELS = 256  # of the fp32 probe; the int8 one has twice as many
-STREAM_LAYER_MB = 9 * 256 * 256 * 4 / 2**20  # one probe layer (fp32 256 or int8 512 channels): 2.25
+STREAM_LAYER_MB = 9 * STREAM_CHANNELS**2 * 4 / 2**20  # one probe layer (fp32, or int8 at 2x channels): 2.25
 
 
 def stream_layers_for(layers: Sequence[Layer]) -> int:
@@ -292,7 +292,7 @@ def mobilenet(widths: tuple[int, ...], expansion: int = 6, blocks: int = 2, seed
     return g.model(g.gemm(g.flatten(g.global_pool(x)), 10))
 
 
-def stream_probe(layers: int, channels: int = 256, size: int = 4) -> Any:
+def stream_probe(layers: int, channels: int = STREAM_CHANNELS, size: int = 4) -> Any:
     """A chain of big 3x3 convolutions on a small map (2.25 MB of fp32 weights each).
 
     Timed at growing depth it shows where a model's weights stop fitting the caches (a
