@@ -136,7 +136,7 @@ def repeatability(models: list[tuple[str, str, Path]], device: str, runs: int) -
 def learn_usual_speed(models: list[tuple[str, str, Path]]) -> tuple[dict[str, float], int]:
     """Measure the models in turn on host until the speed references' usual ms on this
     machine are fixed (machine_state.USUAL_WINDOWS windows of each form the models use:
-    fp32, int8, weight-streaming), as they are on any machine after its first
+    fp32, int8, ResNet-20, weight-streaming), as they are on any machine after its first
     measurements; each pass measures again only the models whose form is still being
     learned. (usual ms by the reference's form, the measurements it took)."""
     taken, usual, pending = 0, {}, list(models)

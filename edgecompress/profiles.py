@@ -83,12 +83,12 @@ class Protocol:
     last-level cache shared with other tenants drifts over seconds). `quiet_p50` is the
     median over the window's half-second stretches of their undisturbed runs (see
     measure/runner.quiet_p50): on a shared machine it repeats where the plain p50 does not.
-    `referenced_p50` times a fixed CNN between the model's runs (a small one, or for a
-    weight-bound model a weight-streaming one of about its size: measure/reference.
-    speed_reference_for) and reports the model's ratio to it (median over the stretches)
-    times its usual ms on this machine
-    (measure/machine_state.usual_reference): it repeats where a machine's speed moves for
-    minutes. Where no reference runs (an agent on a board) it is the quiet_p50.
+    `referenced_p50` times a fixed CNN between the model's runs (a small one, a deeper one
+    for an fp32 model whose weights outgrow L2, or for a weight-bound model a
+    weight-streaming one of about its size: measure/reference.speed_reference_for) and
+    reports the model's ratio to it (median over the stretches) times its usual ms on this
+    machine (measure/machine_state.usual_reference): it repeats where a machine's speed
+    moves for minutes. Where no reference runs (an agent on a board) it is the quiet_p50.
     """
 
     warmup: int = field(metadata=_check("non-negative"))

@@ -56,8 +56,8 @@ class LatencyStats:
     reference_ms: float | None = None
     referenced_p50: float | None = None
     # Which form of the speed reference (reference.reference_kind): "fp32", "int8 (uint8
-    # activations)", "fp32 weight-streaming (6 layers, 13.5 MB)" or its int8 form; each
-    # has its usual ms.
+    # activations)", "fp32 ResNet-20", "fp32 weight-streaming (6 layers, 13.5 MB)" or its
+    # int8 form; each has its usual ms.
     reference: str | None = None
 
     def scaled(self, factor: float) -> LatencyStats:
@@ -286,8 +286,8 @@ def job_for(
 
 def _reference_for(path: str) -> str:
     """The form of the speed reference to time between a model's runs
-    (reference.speed_reference_for: int8, weight-streaming or fp32). A file that cannot be
-    read gets the fp32 one; the worker then says what is wrong with it."""
+    (reference.speed_reference_for: int8, ResNet-20, weight-streaming or fp32). A file
+    that cannot be read gets the fp32 one; the worker then says what is wrong with it."""
     from edgecompress.measure.reference import speed_reference, speed_reference_for
     from edgecompress.profiles import home_dir
 

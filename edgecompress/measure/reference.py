@@ -172,18 +172,22 @@ def resnet(widths: tuple[int, int, int], blocks: int, seed: int = 0) -> Any:
     return g.model(g.gemm(g.flatten(g.global_pool(x)), 10))
 
 
-def speed_reference(folder: Path, activations: str = "fp32", stream_layers: int = 0) -> Path:
+def speed_reference(
+    folder: Path, activations: str = "fp32", stream_layers: int = 0, *, deep: bool = False
+) -> Path:
     """The speed reference's file in `folder`, written once: ResNet-8 at widths 16/32/64
-    (0.3 MB, about 1 ms on a server core), a fixed workload timed between a model's runs;
+    (0.3 MB, about 0.35 ms on a server core), a fixed workload timed between a model's runs;
     in fp32, or in int8 QDQ with `activations` (uint8 or int8) for a model whose work runs
-    in int8 kernels, which a busy core slows by another factor than fp32 ones. With
-    `stream_layers`, the weight-streaming form instead, for a weight-bound model of about
-    that many probe layers' megabytes (stream_layers_for): stream_probe(stream_layers) in
-    fp32, or in int8 QDQ at twice the channels, so that each layer holds as many bytes
-    (runner.REFERENCE_VERSION names these graphs: bump it when they change)."""
+    in int8 kernels, which a busy core slows by another factor than fp32 ones. With `deep`,
+    ResNet-20 at the same widths instead (1.0 MB), for a compute-bound model whose weights
+    outgrow L2 (DEEP_MIN_MB). With `stream_layers`, the weight-streaming form, for a
+    weight-bound model of about that many probe layers' megabytes (stream_layers_for):
+    stream_probe(stream_layers) in fp32, or in int8 QDQ at twice the channels, so that each
+    layer holds as many bytes (runner.REFERENCE_VERSION names these graphs: bump it when
+    they change)."""
     from edgecompress.measure.runner import REFERENCE_VERSION
 
-    suffix = f"-stream{stream_layers}" if stream_layers else ""
+    suffix = f"-stream{stream_layers}" if stream_layers else "-resnet20" if deep else ""
     if activations != "fp32":
         suffix += f"-{activations}"
     path = folder / f"speed-reference-v{REFERENCE_VERSION}{suffix}.onnx"
@@ -192,7 +196,7 @@ def speed_reference(folder: Path, activations: str = "fp32", stream_layers: int 
             channels = STREAM_CHANNELS if activations == "fp32" else 2 * STREAM_CHANNELS
             model = stream_probe(stream_layers, channels=channels)
         else:
-            model = resnet((16, 32, 64), 1, seed=0)
+            model = resnet((16, 32, 64), DEEP_BLOCKS if deep else 1, seed=0)
         if activations != "fp32":
             model = to_qdq(model, activations)
         folder.mkdir(parents=True, exist_ok=True)
@@ -205,13 +209,33 @@ def speed_reference(folder: Path, activations: str = "fp32", stream_layers: int 
 def speed_reference_for(model: Path, folder: Path) -> Path:
     """The form of the speed reference (in `folder`) to time between `model`'s runs: the
     weight-streaming form of about its size for a weight-bound model (stream_layers_for),
-    else the ResNet-8; in int8 with the model's activation type where int8 kernels do most
-    of its work, else in fp32 (the ResNet-8 for other types, fp16 say)."""
+    else the ResNet-20 for an fp32 model of DEEP_MIN_MB or more of weights, else the
+    ResNet-8; in int8 with the model's activation type where int8 kernels do most of its
+    work, else in fp32 (the ResNet-8 for other types, fp16 say)."""
     layers = describe(model)
     precision = main_precision(layers)
     if precision not in ("fp32", "uint8", "int8"):
         return speed_reference(folder)
-    return speed_reference(folder, precision, stream_layers=stream_layers_for(layers))
+    stream_layers = stream_layers_for(layers)
+    deep = precision == "fp32" and not stream_layers and weight_mb(layers) >= DEEP_MIN_MB
+    return speed_reference(folder, precision, stream_layers=stream_layers, deep=deep)
+
+
+# The ResNet-20 form of the speed reference. A compute-bound fp32 model whose weights
+# outgrow L2 (512 KB a core on Zen 3) fetches them from the shared last-level cache on
+# every run, so another tenant there slows it more than the ResNet-8, which stays in L2.
+# The ResNet-20 (1.0 MB) does too. On the 2-core Zen 3 host, 6-8 rounds of 10 s windows
+# with a neighbour copying 64 MB on the other core in every second round, the CV of the
+# model's ratio: ResNet-56 fp32 (3.2 MB) 2.5% to the ResNet-8, 1.3% to the ResNet-20;
+# MobileNetV2 fp32 (8.4 MB, 40 MACs per weight) 1.8% and 0.8%; its x0.5 pruning (2.6 MB)
+# 2.8% and 1.5%; ResNet-56 pruned fp32 (0.9 MB) 1.6% and 0.9%; ResNet-20 pruned fp32
+# (0.7 MB) 1.2% and 0.9%. The neighbour moved the ratio to the ResNet-8 by +1.0% to +3.4%,
+# to the ResNet-20 by -0.4% to +1.1%. (ResNet-8 at twice the widths, 1.2 MB, did worse
+# than the ResNet-20 on the first three: 1.8%, 2.7%, 2.1%.) int8 models keep the int8
+# ResNet-8: their weights take a quarter of the bytes, and in the benchmark their rows
+# repeated within 2.2% against it (MobileNetV2 uint8, 2.1 MB of weights, 0.8%).
+DEEP_BLOCKS = 3
+DEEP_MIN_MB = 0.55  # between the ResNet-8's 0.29 MB and the ResNet-20's 1.02 MB (geometric mean)
 
 
 # The weight-streaming form of the speed reference. A model whose weights outgrow L2 and
@@ -249,11 +273,13 @@ def stream_layers_for(layers: Sequence[Layer]) -> int:
 
 def reference_kind(name: str) -> str:
     """Which form of the speed reference the file `name` holds, in words: "fp32",
-    "int8 (uint8 activations)", "fp32 weight-streaming (6 layers, 13.5 MB)" or
+    "int8 (uint8 activations)", "fp32 ResNet-20", "fp32 weight-streaming (6 layers, 13.5 MB)" or
     "int8 weight-streaming (6 layers, 13.5 MB, uint8 activations)"."""
     forms = Path(name).stem.split("-")[3:]  # after speed-reference-vN
     activations = forms.pop() if forms and forms[-1] in ("uint8", "int8") else None
     precision = "fp32" if activations is None else "int8"
+    if forms == ["resnet20"]:
+        return f"{precision} ResNet-20"
     if forms and forms[0].startswith("stream") and forms[0][6:].isdigit():
         depth = int(forms[0][6:])
         what = f"{depth} layers, {depth * STREAM_LAYER_MB:.1f} MB"

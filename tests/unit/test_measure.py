@@ -398,9 +398,37 @@ def test_int8_weights_count_their_own_bytes_for_the_streaming_reference() -> Non
     assert stream_layers_for(describe(to_qdq(stream_probe(3), "uint8"))) == 0  # 1.7 MB: cached
 
 
+def test_compute_bound_fp32_models_past_l2_get_the_resnet20_reference(tmp_path: Path) -> None:
+    """An fp32 model that is not weight-bound gets the ResNet-20 form once its weights
+    outgrow L2 (DEEP_MIN_MB), the ResNet-8 below; int8 models keep the int8 ResNet-8."""
+    from edgecompress.measure.layers import describe
+    from edgecompress.measure.reference import DEEP_MIN_MB, resnet, speed_reference_for, to_qdq
+
+    models = {
+        "resnet8": resnet((16, 32, 64), 1),  # 0.29 MB
+        "resnet14": resnet((16, 32, 64), 2),  # 0.66 MB
+        "resnet56": resnet((16, 32, 64), 9),  # 3.4 MB
+        "resnet56-uint8": to_qdq(resnet((16, 32, 64), 9), "uint8"),  # 0.85 MB of int8 weights
+    }
+    chosen = {}
+    for name, model in models.items():
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+        chosen[name] = speed_reference_for(tmp_path / f"{name}.onnx", tmp_path / "cache").name
+    assert chosen == {
+        "resnet8": "speed-reference-v5.onnx",
+        "resnet14": "speed-reference-v5-resnet20.onnx",
+        "resnet56": "speed-reference-v5-resnet20.onnx",
+        "resnet56-uint8": "speed-reference-v5-uint8.onnx",
+    }
+    assert 0.29 < DEEP_MIN_MB < 0.66
+    deep = describe(onnx.load(str(tmp_path / "cache" / "speed-reference-v5-resnet20.onnx")))
+    assert len([layer for layer in deep if layer.key.op.startswith("Conv")]) == 19
+
+
 @pytest.mark.parametrize("name, kind", [
     ("speed-reference-v5.onnx", "fp32"),
     ("speed-reference-v5-uint8.onnx", "int8 (uint8 activations)"),
+    ("speed-reference-v5-resnet20.onnx", "fp32 ResNet-20"),
     ("speed-reference-v5-stream6.onnx", "fp32 weight-streaming (6 layers, 13.5 MB)"),
     ("speed-reference-v5-stream2-int8.onnx", "int8 weight-streaming (2 layers, 4.5 MB, int8 activations)"),
 ])  # fmt: skip
