@@ -36,11 +36,13 @@ from edgecompress.measure.layers import LayerKey
 from edgecompress.measure.protocol import job_for, model_stats
 from edgecompress.measure.reference import (
     PROFILER_PROBE,
+    STREAM_LAYER_MB,
     STREAM_PROBE_LAYERS,
     clip_base,
     layer_keys,
     layer_model,
     reference_cnns,
+    speed_reference,
     stream_probe,
     to_qdq,
 )
@@ -167,11 +169,20 @@ def time_rows(
     timer: _Timer, keys: Sequence[LayerKey], folder: Path, progress: Progress
 ) -> tuple[dict[LayerKey, float], dict[str, Any], float]:
     """Milliseconds of each single-layer graph's own kernels, and the profiler's own
-    cost per node (us), read from a near-empty node timed first and taken off every row."""
+    cost per node (us), read from a near-empty node timed first and taken off every row.
+
+    Each batch opens and closes with the speed reference (the ResNet-8, in each
+    activation type the rows run in), and its rows are taken at the pace of the batches'
+    median: a row timed while the machine ran 20% slow counts 20% less (pace_factors).
+    Timed plain, the rows of a slow stretch while profiling came out slow against the
+    speed-referenced reference CNNs the table is fitted to, and its predictions low."""
     import onnx
 
     keys = [PROFILER_PROBE, *[k for k in keys if k != PROFILER_PROBE]]
+    pacers = {a: speed_reference(folder, a) for a in sorted({k.aprec for k in keys})}
     nodes: dict[LayerKey, list] = {}
+    batch_of: dict[LayerKey, int] = {}
+    paces: list[dict[str, float]] = []
     info: dict[str, Any] = {}
     pending = list(enumerate(keys))
     done = 0
@@ -183,17 +194,30 @@ def time_rows(
             onnx.save(layer_model(key), str(path))
             batch.append((str(index), path))
             batch_bytes += path.stat().st_size
-        by_id, info = timer.run(batch, node_times=True, repeats=LAYER_REPEATS)
+        first = [(f"pace-{a}-0", path) for a, path in pacers.items()]
+        last = [(f"pace-{a}-1", path) for a, path in pacers.items()]
+        by_id, info = timer.run([*first, *batch, *last], node_times=True, repeats=LAYER_REPEATS)
+        paces.append(_batch_pace(by_id, pacers))
         for model_id, path in batch:
             result = by_id.get(model_id, {})
             key = keys[int(model_id)]
             if result.get("status") == "ok" and result.get("nodes"):
                 nodes[key] = result["nodes"]
+                batch_of[key] = len(paces) - 1
             else:
                 log.warning("no time for %s: %s", key, result.get("message", "no result"))
             path.unlink(missing_ok=True)
         done += len(batch)
         progress("timing single layers", done / len(keys))
+    factors = pace_factors(paces)
+    for a in pacers:
+        moved = [f[a] for f in factors]
+        log.info("single-layer rows (%s): the machine's pace moved %.2f-%.2fx", a, min(moved), max(moved))
+    # Every node's time at the common pace, the profiler's own cost too.
+    nodes = {
+        key: [(name, op, t / factors[batch_of[key]][key.aprec]) for name, op, t in value]
+        for key, value in nodes.items()
+    }
     overhead = min((t for _n, _op, t in nodes.get(PROFILER_PROBE, [])), default=0.0)
     rows = {key: row_ms(key, value, overhead) for key, value in nodes.items() if key != PROFILER_PROBE}
     # "Conv+Clip" rows were timed as a whole depthwise conv with ReLU6; keep what the
@@ -205,6 +229,31 @@ def time_rows(
         else:
             rows[key] = max(0.0, rows[key] - base)
     return rows, info, overhead
+
+
+def _batch_pace(by_id: dict[str, dict], pacers: dict[str, Path]) -> dict[str, float]:
+    """The speed reference's ms in one batch, per activation type: the mean of its median
+    at the batch's start and end; NaN where neither ran."""
+    pace = {}
+    for a in pacers:
+        medians = [
+            float(np.median(r["samples_ns"])) / 1e6
+            for r in (by_id.get(f"pace-{a}-{end}", {}) for end in (0, 1))
+            if r.get("status") == "ok" and r.get("samples_ns")
+        ]
+        pace[a] = float(np.mean(medians)) if medians else float("nan")
+    return pace
+
+
+def pace_factors(paces: Sequence[dict[str, float]]) -> list[dict[str, float]]:
+    """Each batch's pace over the median pace of all batches, per activation type: how
+    much slower (> 1) or faster the machine ran while that batch was timed. 1 where the
+    reference did not run in a batch (NaN pace)."""
+    typical = {}
+    for a in paces[0] if paces else {}:
+        timed = [p[a] for p in paces if np.isfinite(p[a]) and p[a] > 0]
+        typical[a] = float(np.median(timed)) if timed else None
+    return [{a: p[a] / typical[a] if typical[a] and np.isfinite(p[a]) else 1.0 for a in p} for p in paces]
 
 
 def time_references(
@@ -253,13 +302,11 @@ def time_streaming(
     """
     import onnx
 
-    channels = 256
-    layer_mb = channels * channels * 9 * 4 / 2**20
     depths = (1, 2, 8) if quick else STREAM_PROBE_LAYERS
     files = []
     for depth in depths:
         path = folder / f"stream-{depth}.onnx"
-        onnx.save(stream_probe(depth, channels), str(path))
+        onnx.save(stream_probe(depth), str(path))
         files.append((str(depth), path))
     progress("timing weight streaming", 0.0)
     # The profile's whole protocol (not a few repeats): the points are differences of
@@ -279,7 +326,7 @@ def time_streaming(
     for depth, ms in sorted(times.items()):
         if depth > 2:
             per_layer = (ms - fixed) / depth
-            points.append((depth * layer_mb, max(0.0, (per_layer - hot) / layer_mb)))
+            points.append((depth * STREAM_LAYER_MB, max(0.0, (per_layer - hot) / STREAM_LAYER_MB)))
     return tuple(points)
 
 

@@ -279,3 +279,41 @@ def test_profile_through_an_agent_measures_the_calibration(tmp_path: Path) -> No
     # The board has no usual speed to refer to: its figures are quiet medians.
     assert {t.statistic for t in result.references} == {"quiet_p50"}
     assert load_profile(tmp_path / "satellite-board.yaml").calibration.source == "measured"
+
+
+def test_rows_timed_while_the_machine_ran_slow_count_at_the_common_pace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch of single-layer graphs opens and closes with the speed reference; a
+    batch timed while it ran 1.5x slow gives its rows 1.5x less. The timer here stands in
+    for the worker (its times are made up: a machine's speed cannot be set in a test)."""
+    from edgecompress.measure import calibrate
+
+    class SlowSecondBatch:
+        batches = 0
+
+        def run(self, files, *, node_times, repeats):
+            slow = 1.5 if self.batches == 1 else 1.0
+            self.batches += 1
+            out = {}
+            for model_id, _path in files:
+                if model_id.startswith("pace-"):
+                    out[model_id] = {"status": "ok", "samples_ns": [slow * 300_000.0] * repeats}
+                else:  # the profiler's probe (the first) "takes" 10 us, every layer 100 us
+                    us = 10.0 if model_id == "0" else 100.0
+                    out[model_id] = {"status": "ok", "nodes": [["n", "Conv", slow * us]]}
+            return out, {}
+
+    monkeypatch.setattr(calibrate, "BATCH_MODELS", 3)
+    keys = [LayerKey("Conv", "fp32", "fp32", 16 * (i + 1), 16, 8, 3) for i in range(8)]
+    keys += [LayerKey("Conv", "int8", "uint8", 16, 16 * (i + 1), 8, 3) for i in range(3)]
+    timer = SlowSecondBatch()
+    rows, _info, overhead = calibrate.time_rows(timer, keys, tmp_path, lambda s, f: None)
+    assert timer.batches == 4 and overhead == 10.0  # timed in the first batch, at the median pace
+    # 100 us less the profiler's 10 us, in the slow batch as in the others.
+    assert set(rows) == set(keys) and set(np.round(list(rows.values()), 9)) == {0.09}
+    assert calibrate.pace_factors([{"fp32": 1.0}, {"fp32": 1.5}, {"fp32": float("nan")}]) == [
+        {"fp32": 0.8},
+        {"fp32": 1.2},
+        {"fp32": 1.0},
+    ]
