@@ -180,6 +180,7 @@ def time_rows(
 
     keys = [PROFILER_PROBE, *[k for k in keys if k != PROFILER_PROBE]]
     pacers = {a: speed_reference(folder, a) for a in sorted({k.aprec for k in keys})}
+    pacer_bytes = 2 * sum(path.stat().st_size for path in pacers.values())  # at both ends
     nodes: dict[LayerKey, list] = {}
     batch_of: dict[LayerKey, int] = {}
     paces: list[dict[str, float]] = []
@@ -187,7 +188,7 @@ def time_rows(
     pending = list(enumerate(keys))
     done = 0
     while pending:
-        batch, batch_bytes = [], 0
+        batch, batch_bytes = [], pacer_bytes
         while pending and len(batch) < BATCH_MODELS and batch_bytes < BATCH_BYTES:
             index, key = pending.pop(0)
             path = folder / f"layer-{index:05d}.onnx"
