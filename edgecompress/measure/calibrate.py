@@ -180,7 +180,9 @@ def time_rows(
 
     keys = [PROFILER_PROBE, *[k for k in keys if k != PROFILER_PROBE]]
     pacers = {a: speed_reference(folder, a) for a in sorted({k.aprec for k in keys})}
-    pacer_bytes = 2 * sum(path.stat().st_size for path in pacers.values())  # at both ends
+    first = [(f"pace-{a}-0", path) for a, path in pacers.items()]
+    last = [(f"pace-{a}-1", path) for a, path in pacers.items()]
+    pacer_bytes = sum(path.stat().st_size for _id, path in [*first, *last])
     nodes: dict[LayerKey, list] = {}
     batch_of: dict[LayerKey, int] = {}
     paces: list[dict[str, float]] = []
@@ -195,8 +197,6 @@ def time_rows(
             onnx.save(layer_model(key), str(path))
             batch.append((str(index), path))
             batch_bytes += path.stat().st_size
-        first = [(f"pace-{a}-0", path) for a, path in pacers.items()]
-        last = [(f"pace-{a}-1", path) for a, path in pacers.items()]
         by_id, info = timer.run([*first, *batch, *last], node_times=True, repeats=LAYER_REPEATS)
         paces.append(_batch_pace(by_id, pacers))
         for model_id, path in batch:
